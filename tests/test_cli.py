@@ -1,0 +1,99 @@
+"""The command line end to end: first run with no arguments, logging, the wrapper script, import."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import PEARL, ROOT, files_under, run_cli
+
+import visualize_patches as vp
+
+
+def test_version():
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and vp.__version__ in proc.stdout
+
+
+def test_help_lists_every_option():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for flag in ("-o", "--patch-size", "--temporal-patch-size", "--merge-size", "--thresholds", "--device",
+                 "--min-pixels", "--max-pixels", "-q", "-v", "--version"):
+        assert flag in proc.stdout
+
+
+def test_no_arguments_runs_on_sample_photo(tmp_path):
+    proc = run_cli(cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "visualizations"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["image"].endswith("grace_hopper.jpg")
+    assert stats["original_size"] == [512, 600]
+    assert "grace_hopper" in proc.stderr and "wrote" in proc.stderr
+
+
+def test_quiet_prints_nothing_on_success(tmp_path):
+    proc = run_cli(PEARL, "-o", tmp_path / "o", "-q")
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == ""
+
+
+def test_progress_and_summary_logged(pearl_run):
+    out, proc = pearl_run
+    assert "840x980" in proc.stderr
+    assert "APT patches" in proc.stderr and str(out) in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_rerun_replaces_outputs(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli(PEARL, "-o", out, "-q").returncode == 0
+    first = json.loads((out / "stats.json").read_text())
+    assert run_cli(PEARL, "-o", out, "-q", "--thresholds", "6", "5").returncode == 0
+    second = json.loads((out / "stats.json").read_text())
+    assert second["thresholds"] == [6.0, 5.0] and second["apt_patches"] < first["apt_patches"]
+
+
+def test_thresholds_set_number_of_scales(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli(PEARL, "-o", out, "-q", "--thresholds", "4").returncode == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["patch_sizes"] == [14, 28]
+    assert {p.name for p in out.glob("importance_map_scale_*.png")} == {
+        "importance_map_scale_14.png", "importance_map_scale_28.png"}
+    assert run_cli(PEARL, "-o", tmp_path / "o4", "-q", "--thresholds", "4", "3", "2").returncode == 0
+    assert (tmp_path / "o4" / "importance_map_scale_112.png").exists()
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = "import visualize_patches, loguru; print(len(loguru.logger._core.handlers))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.strip() == "1"  # loguru's default handler, untouched
+    assert files_under(tmp_path) == []
+
+
+def test_wrapper_script_from_another_directory(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    wrapper = ROOT / "run_visualize.sh"
+    proc = subprocess.run([str(wrapper), str(PEARL), "-o", "w", "-q"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "w" / "stats.json").exists()
+    proc = subprocess.run([str(wrapper), str(tmp_path / "missing.jpg")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "no such file" in proc.stderr
+    proc = subprocess.run([str(wrapper), "--patch-size", "0"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 2
+
+
+def test_wrapper_script_without_arguments_uses_sample(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run([str(ROOT / "run_visualize.sh"), "-q"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "visualizations" / "stats.json").read_text())["image"].endswith(
+        "grace_hopper.jpg")
