@@ -1,47 +1,58 @@
 #!/usr/bin/env python3
 """See what Adaptive Patch Tokenization (APT) does to an image before Qwen2-VL sees it.
 
-The tool loads an image, resizes it exactly as Qwen2-VL's image processor does
-(smart_resize + PIL bicubic + OpenAI-CLIP normalisation), scores every patch at
-several scales (14, 28, 56 px by default) by the Shannon entropy of its
-grayscale histogram, turns the scores into APT's patch choice (low-entropy
-regions get large patches) and writes heatmaps, a patch overlay, the raw maps
-and a stats.json with the token accounting.
+The tool loads an image (or a folder of them, or a video), resizes it exactly
+as Qwen2-VL's processor does (smart_resize + PIL bicubic + OpenAI-CLIP
+normalisation), scores every patch at several scales (14, 28, 56 px by default)
+by the Shannon entropy of its grayscale histogram, turns the scores into APT's
+patch choice (low-entropy regions get large patches) and writes heatmaps, patch
+overlays, an interactive explorer, the raw maps and the token accounting.
 
     python visualize_patches.py photo.jpg -o out/
+    python visualize_patches.py photos/ -o out/ --stats-only
+    python visualize_patches.py photo.jpg --target-ratio 0.5 --sweep
 
 Sections, top to bottom:
   1. constants and settings      named numbers with their sources, the Settings dataclass
-  2. geometry                    smart_resize, patch grids
-  3. importance and masks        exact integer entropy, PatchTokenizer
-  4. rendering                   pure functions: arrays in, images out
-  5. input and output            loading, encoding, staged atomic writes
-  6. pipeline                    one image from path to files
+  2. geometry                    smart_resize, patch grids, video frame sampling
+  3. importance and masks        exact integer entropy, other scorers, PatchTokenizer,
+                                 exact threshold search
+  4. rendering                   pure functions: arrays in, images or HTML out
+  5. input and output            loading, discovery, encoding, staged atomic writes
+  6. pipeline                    one image, one video, a whole batch
   7. command line                parser, validation, main()
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
 import functools
+import gc
+import glob
+import html
 import io
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from loguru import logger
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 __version__ = "1.0.0"
 
@@ -54,18 +65,27 @@ __version__ = "1.0.0"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Qwen2-VL image processor defaults (Qwen2VLImageProcessor: size shortest_edge /
-# longest_edge, patch_size, temporal_patch_size, merge_size) and smart_resize's
-# aspect-ratio limit.
+# Qwen2-VL image processor defaults (transformers Qwen2VLImageProcessor: size
+# shortest_edge / longest_edge) and smart_resize's aspect-ratio limit.
 QWEN2VL_MIN_PIXELS = 56 * 56
 QWEN2VL_MAX_PIXELS = 28 * 28 * 1280
 QWEN2VL_MAX_ASPECT_RATIO = 200
 
-# APT reference (arXiv 2510.18091, entropy_utils.py): grayscale by the ITU-R 601
-# luma weights 0.2989 / 0.5870 / 0.1140 and a 512-bin histogram over [0, 256).
+# Qwen2-VL video defaults: transformers Qwen2VLVideoProcessor (size shortest_edge
+# 128*28*28, longest_edge 28*28*768, min_frames 4, max_frames 768) and
+# qwen-vl-utils (FPS = 2.0).
+QWEN2VL_VIDEO_MIN_PIXELS = 128 * 28 * 28
+QWEN2VL_VIDEO_MAX_PIXELS = 28 * 28 * 768
+QWEN2VL_VIDEO_FPS = 2.0
+QWEN2VL_VIDEO_MIN_FRAMES = 4
+QWEN2VL_VIDEO_MAX_FRAMES = 768
+
+# APT reference (arXiv 2510.18091, entropy_utils.py): grayscale by the luma
+# weights 0.2989 / 0.5870 / 0.1140 and a 512-bin histogram over [0, 256).
 # bin = floor(2 * (0.2989 R + 0.5870 G + 0.1140 B)) is computed exactly in
 # integers as (2989 R + 5870 G + 1140 B) // 5000, so it cannot differ between
 # float32 and float64, CPU and GPU.
+LUMA_WEIGHTS = (0.2989, 0.5870, 0.1140)
 LUMA_WEIGHTS_1E4 = (2989, 5870, 1140)
 LUMA_BIN_DIVISOR = 5000
 ENTROPY_BINS = 512
@@ -79,35 +99,81 @@ ENTROPY_BINS = 512
 ENTROPY_FIXED_POINT_BITS = 28
 ENTROPY_QUANTUM_BITS = 20
 
+# APT reference scorers: 8-neighbour Laplacian kernel on [0, 1] grayscale with
+# reflect padding; down-and-up bilinear resampling by 0.5**scale for upsample_mse
+# (the reference passes [1.0, 0.5, 0.25] for three scales).
+LAPLACIAN_KERNEL = ((1.0, 1.0, 1.0), (1.0, -8.0, 1.0), (1.0, 1.0, 1.0))
+
 DEFAULT_OUTPUT_DIR = "./visualizations"
 SAMPLE_IMAGE = "grace_hopper.jpg"  # shipped by matplotlib, see matplotlib.cbook.get_sample_data
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+# Rendering.
 BORDER_GREEN = (0, 255, 0)
 BORDER_THICKNESS = 2
-PADDED_CELL_COLOR = "#9fb8cf"  # pale steel blue: absent from 'inferno', so padded cells stand out
-THRESHOLD_LINE_COLOR = "#00e5ff"
+SCALE_COLORS = ((0, 255, 0), (0, 190, 255), (255, 40, 200), (255, 170, 0), (255, 255, 255))
+PADDED_CELL_RGB = (159, 184, 207)  # pale steel blue: absent from inferno, so padded cells stand out
+THRESHOLD_RGB = (0, 229, 255)
+OVERLAY_ALPHA = 0.55
 JPEG_QUALITY = 95
-HEATMAP_CMAP = "inferno"
+THUMBNAIL_WIDTH = 220
+# matplotlib's 'inferno' colormap (Nathaniel J. Smith and Stefan van der Walt,
+# CC0; matplotlib/_cm_listed.py) sampled at 256 levels as RGB hex; kept here so
+# that rendering needs no matplotlib import, and tested equal to matplotlib's.
+INFERNO_HEX = (
+    "00000401000501010601010802010a02020c02020e03021004031204031405041706041907051b08051d09061f0a0722"
+    "0b07240c08260d08290e092b10092d110a30120a32140b34150b37160b39180c3c190c3e1b0c411c0c431e0c451f0c48"
+    "210c4a230c4c240c4f260c51280b53290b552b0b572d0b592f0a5b310a5c320a5e340a5f3609613809623909633b0964"
+    "3d09653e0966400a67420a68440a68450a69470b6a490b6a4a0c6b4c0c6b4d0d6c4f0d6c510e6c520e6d540f6d550f6d"
+    "57106e59106e5a116e5c126e5d126e5f136e61136e62146e64156e65156e67166e69166e6a176e6c186e6d186e6f196e"
+    "71196e721a6e741a6e751b6e771c6d781c6d7a1d6d7c1d6d7d1e6d7f1e6c801f6c82206c84206b85216b87216b88226a"
+    "8a226a8c23698d23698f24699025689225689326679526679727669827669a28659b29649d29649f2a63a02a63a22b62"
+    "a32c61a52c60a62d60a82e5fa92e5eab2f5ead305dae305cb0315bb1325ab3325ab43359b63458b73557b93556ba3655"
+    "bc3754bd3853bf3952c03a51c13a50c33b4fc43c4ec63d4dc73e4cc83f4bca404acb4149cc4248ce4347cf4446d04545"
+    "d24644d34743d44842d54a41d74b3fd84c3ed94d3dda4e3cdb503bdd513ade5238df5337e05536e15635e25734e35933"
+    "e45a31e55c30e65d2fe75e2ee8602de9612bea632aeb6429eb6628ec6726ed6925ee6a24ef6c23ef6e21f06f20f1711f"
+    "f1731df2741cf3761bf37819f47918f57b17f57d15f67e14f68013f78212f78410f8850ff8870ef8890cf98b0bf98c0a"
+    "f98e09fa9008fa9207fa9407fb9606fb9706fb9906fb9b06fb9d07fc9f07fca108fca309fca50afca60cfca80dfcaa0f"
+    "fcac11fcae12fcb014fcb216fcb418fbb61afbb81dfbba1ffbbc21fbbe23fac026fac228fac42afac62df9c72ff9c932"
+    "f9cb35f8cd37f8cf3af7d13df7d340f6d543f6d746f5d949f5db4cf4dd4ff4df53f4e156f3e35af3e55df2e661f2e865"
+    "f2ea69f1ec6df1ed71f1ef75f1f179f2f27df2f482f3f586f3f68af4f88ef5f992f6fa96f8fb9af9fc9dfafda1fcffa4"
+)
+INFERNO = np.frombuffer(bytes.fromhex(INFERNO_HEX), dtype=np.uint8).reshape(256, 3)
+
+# Batch mode.
+MAX_DEFAULT_WORKERS = 8
+CUDA_BATCH = 16  # images of one size scored together on CUDA
 
 # Exit codes of main().
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 class ToolError(Exception):
-    """A failure the user can act on; main() prints it as one line and exits 1."""
+    """A failure the user can act on; reported as one line, exit 1."""
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of the pipeline, with the defaults in this one place."""
+    """Every knob of the analysis, with the defaults in this one place."""
 
     patch_size: int = 14  # base (ViT) patch side in pixels
-    temporal_patch_size: int = 2  # frames per temporal patch; an image counts as one
+    temporal_patch_size: int = 2  # frames per temporal patch (tube); an image is one tube
     merge_size: int = 2  # Qwen2-VL merges merge_size x merge_size patches into one LLM token
     thresholds: tuple[float, ...] = (3.0, 2.0)  # thresholds[i-1] applies to patch_size * 2**i
-    min_pixels: int = QWEN2VL_MIN_PIXELS  # smart_resize lower bound on h*w
-    max_pixels: int = QWEN2VL_MAX_PIXELS  # smart_resize upper bound on h*w
-    image_mean: tuple[float, float, float] = CLIP_MEAN
-    image_std: tuple[float, float, float] = CLIP_STD
+    min_pixels: int = QWEN2VL_MIN_PIXELS  # smart_resize lower bound on h*w (images)
+    max_pixels: int = QWEN2VL_MAX_PIXELS  # smart_resize upper bound on h*w (images)
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    method: str = "entropy"  # importance scorer, a key of SCORERS
+    aggregate: str = "mean"  # per-patch reduction of the laplacian scorer
+    target_ratio: float | None = None  # choose one shared threshold for this retained ratio
+    fps: float = QWEN2VL_VIDEO_FPS  # video frames sampled per second
+    min_frames: int = QWEN2VL_VIDEO_MIN_FRAMES
+    max_frames: int = QWEN2VL_VIDEO_MAX_FRAMES
+    video_min_pixels: int = QWEN2VL_VIDEO_MIN_PIXELS
+    video_max_pixels: int = QWEN2VL_VIDEO_MAX_PIXELS
 
     @property
     def num_scales(self) -> int:
@@ -121,6 +187,21 @@ class Settings:
     def factor(self) -> int:
         """smart_resize's factor: resized sides are multiples of this."""
         return self.patch_size * self.merge_size
+
+    def record(self) -> dict:
+        """The settings that determine the numbers, as stored in stats.json."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    """What to draw and write besides the numbers."""
+
+    line_color: tuple[int, int, int] = BORDER_GREEN
+    line_thickness: int = BORDER_THICKNESS
+    color_by_scale: bool = False
+    stats_only: bool = False  # numbers only: stats.json and the raw maps, no pictures
+    sweep: bool = False  # also threshold_sweep.csv / .png
 
 
 # ---------------------------------------------------------------------------
@@ -174,6 +255,25 @@ def padded_cells(height: int, width: int, patch_size: int) -> np.ndarray:
     return pad
 
 
+def sample_frame_indices(
+    total_frames: int, video_fps: float, fps: float, temporal_patch_size: int, min_frames: int, max_frames: int
+) -> list[int]:
+    """Indices of the frames Qwen2-VL samples from a video, as transformers'
+    Qwen2VLVideoProcessor.sample_frames: fps frames per second, clamped to
+    [min_frames, max_frames] and the video's length, floored to a multiple of
+    temporal_patch_size, spread uniformly. Short videos (fewer frames than one
+    temporal patch) keep all their frames; the last tube is then padded by
+    repeating the last frame, as Qwen2-VL's patchify does.
+    """
+    t = temporal_patch_size
+    cap = math.floor(min(max_frames, total_frames) / t) * t
+    wanted = total_frames / video_fps * fps
+    count = math.floor(min(max(wanted, min_frames), cap, total_frames) / t) * t
+    if count <= 0:
+        return list(range(total_frames))
+    return torch.arange(0, total_frames, total_frames / count).int().tolist()
+
+
 # ---------------------------------------------------------------------------
 # 3. Importance maps and masks
 # ---------------------------------------------------------------------------
@@ -181,9 +281,12 @@ def padded_cells(height: int, width: int, patch_size: int) -> np.ndarray:
 
 def normalize_image(rgb: np.ndarray, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> np.ndarray:
     """(H, W, 3) uint8 -> (3, H, W) float32, (x / 255 - mean) / std as Qwen2-VL's processor."""
-    x = rgb.astype(np.float32) / np.float32(255)
-    x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    x = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
+    for c in range(3):  # one channel at a time keeps the temporaries small; same float32 operations
+        np.divide(rgb[..., c], np.float32(255), out=x[c], dtype=np.float32)
+        x[c] -= np.float32(mean[c])
+        x[c] /= np.float32(std[c])
+    return x
 
 
 def recover_uint8(normalized: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -195,8 +298,8 @@ def recover_uint8(normalized: torch.Tensor, mean: Sequence[float], std: Sequence
     shape = (3, 1, 1)
     mean_t = torch.tensor(mean, dtype=normalized.dtype, device=normalized.device).view(shape)
     std_t = torch.tensor(std, dtype=normalized.dtype, device=normalized.device).view(shape)
-    levels = (normalized * std_t + mean_t) * 255
-    return levels.round().clamp(0, 255).to(torch.uint8)
+    levels = normalized * std_t
+    return levels.add_(mean_t).mul_(255).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def gray_bins(rgb: torch.Tensor) -> torch.Tensor:
@@ -213,9 +316,17 @@ def gray_bins(rgb: torch.Tensor) -> torch.Tensor:
 def _log2_fixed_table(n: int, device: torch.device) -> torch.Tensor:
     """(n + 1,) int64: round(log2(c) * 2**ENTROPY_FIXED_POINT_BITS), computed once on the CPU."""
     c = np.arange(n + 1, dtype=np.float64)
-    with np.errstate(divide="ignore"):
-        table = np.where(c > 0, np.round(np.log2(np.maximum(c, 1)) * 2.0**ENTROPY_FIXED_POINT_BITS), 0)
+    table = np.round(np.log2(np.maximum(c, 1)) * 2.0**ENTROPY_FIXED_POINT_BITS)
     return torch.from_numpy(table.astype(np.int64)).to(device)
+
+
+def _patch_pixels(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, T, H, W) -> (B, rows, cols, T * p * p): each patch's pixels, zero-padded past the edge."""
+    b, t, h, w = x.shape
+    rows, cols = grid_shape(h, w, patch_size)
+    padded = F.pad(x, (0, cols * patch_size - w, 0, rows * patch_size - h))
+    cells = padded.view(b, t, rows, patch_size, cols, patch_size).permute(0, 2, 4, 1, 3, 5)
+    return cells.reshape(b, rows, cols, t * patch_size * patch_size)
 
 
 def patch_entropy(bins: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -229,37 +340,87 @@ def patch_entropy(bins: torch.Tensor, patch_size: int) -> torch.Tensor:
     H = log2 N - (1/N) sum_b c_b log2 c_b = (1/N) sum_pixels (log2 N - log2 c_bin(pixel)),
     with N = T * patch_size**2 and the counts c by scatter-add (no one-hot tensor).
     """
-    b, t, h, w = bins.shape
-    rows, cols = grid_shape(h, w, patch_size)
-    padded = F.pad(bins, (0, cols * patch_size - w, 0, rows * patch_size - h))
-    n = t * patch_size * patch_size
+    cells = _patch_pixels(bins, patch_size)
+    b, rows, cols, n = cells.shape
     num_patches = b * rows * cols
-    # (B, T, rows, p, cols, p) -> (patches, N): each patch's pixels contiguous
-    cells = padded.view(b, t, rows, patch_size, cols, patch_size).permute(0, 2, 4, 1, 3, 5).reshape(num_patches, n)
     offsets = torch.arange(num_patches, device=bins.device, dtype=torch.int64).mul_(ENTROPY_BINS)
-    keys = cells.to(torch.int64).add_(offsets[:, None])  # (patches, N) flat (patch, bin) index
+    keys = cells.reshape(num_patches, n).to(torch.int64).add_(offsets[:, None])  # flat (patch, bin)
+    del cells
     counts = torch.zeros(num_patches * ENTROPY_BINS, dtype=torch.int32, device=bins.device)
     counts.scatter_add_(0, keys.view(-1), torch.ones(1, dtype=torch.int32, device=bins.device).expand(keys.numel()))
+    own_count = counts[keys]  # (patches, N): how many pixels of its patch share each pixel's bin
+    del keys, counts
     table = _log2_fixed_table(n, bins.device)
-    per_pixel = table[counts[keys].to(torch.int64)]  # (patches, N) fixed-point log2 c
+    per_pixel = table[own_count.to(torch.int64)]  # (patches, N) fixed-point log2 c
+    del own_count
     deficit = table[n] * n - per_pixel.sum(dim=1)  # exact int64: N * H * 2**fixed_bits
     scale = float(n * 2 ** (ENTROPY_FIXED_POINT_BITS - ENTROPY_QUANTUM_BITS))
     entropy = torch.round(deficit.to(torch.float64) / scale) / 2.0**ENTROPY_QUANTUM_BITS
     return entropy.view(b, rows, cols)
 
 
-def entropy_maps(
-    images_u8: torch.Tensor, patch_sizes: Sequence[int]
-) -> dict[int, torch.Tensor]:
-    """(B, T, 3, H, W) uint8 -> {patch size: (B, rows, cols) float64 entropy, NaN where padded}."""
+def _gray_unit(images_u8: torch.Tensor) -> torch.Tensor:
+    """(B, T, 3, H, W) uint8 -> (B, T, H, W) float64 luma in [0, 1]."""
+    x = images_u8.to(torch.float64) / 255
+    wr, wg, wb = LUMA_WEIGHTS
+    return wr * x[:, :, 0] + wg * x[:, :, 1] + wb * x[:, :, 2]
+
+
+def _aggregate(values: torch.Tensor, patch_size: int, how: str) -> torch.Tensor:
+    """(B, T, H, W) per-pixel scores -> (B, rows, cols) per patch (zero padding counts)."""
+    cells = _patch_pixels(values, patch_size)
+    if how == "mean":
+        return cells.mean(dim=-1)
+    if how == "max":
+        return cells.amax(dim=-1)
+    if how == "std":
+        return cells.std(dim=-1)  # unbiased, as torch.std in the reference
+    raise ValueError(f"unknown aggregate {how!r}")
+
+
+def score_entropy(images_u8: torch.Tensor, patch_sizes: Sequence[int], aggregate: str) -> dict[int, torch.Tensor]:
     bins = gray_bins(images_u8)
-    h, w = bins.shape[-2:]
+    return {ps: patch_entropy(bins, ps) for ps in patch_sizes}
+
+
+def score_laplacian(images_u8: torch.Tensor, patch_sizes: Sequence[int], aggregate: str) -> dict[int, torch.Tensor]:
+    """|8-neighbour Laplacian| of [0, 1] grayscale (reflect padding), aggregated per patch."""
+    gray = _gray_unit(images_u8)
+    b, t, h, w = gray.shape
+    kernel = torch.tensor(LAPLACIAN_KERNEL, dtype=gray.dtype, device=gray.device).view(1, 1, 3, 3)
+    flat = F.pad(gray.reshape(b * t, 1, h, w), (1, 1, 1, 1), mode="reflect" if min(h, w) > 1 else "replicate")
+    response = F.conv2d(flat, kernel).abs().view(b, t, h, w)
+    return {ps: _aggregate(response, ps, aggregate) for ps in patch_sizes}
+
+
+def score_upsample_mse(images_u8: torch.Tensor, patch_sizes: Sequence[int], aggregate: str) -> dict[int, torch.Tensor]:
+    """Mean squared error of a bilinear down-and-up resampling by 0.5**scale, mean per patch."""
+    x = images_u8.to(torch.float64) / 255
+    b, t, c, h, w = x.shape
+    flat = x.reshape(b * t, c, h, w)
     maps = {}
-    for ps in patch_sizes:
-        m = patch_entropy(bins, ps)
-        pad = torch.from_numpy(padded_cells(h, w, ps)).to(m.device)
-        maps[ps] = m.masked_fill(pad, float("nan"))
+    for i, ps in enumerate(patch_sizes):
+        factor = 0.5**i
+        if factor == 1.0:
+            error = torch.zeros((b, t, h, w), dtype=x.dtype, device=x.device)
+        else:
+            down = F.interpolate(flat, scale_factor=factor, mode="bilinear", align_corners=False)
+            up = F.interpolate(down, scale_factor=1 / factor, mode="bilinear", align_corners=False)
+            if up.shape[-2:] != (h, w):
+                up = F.interpolate(up, size=(h, w), mode="bilinear", align_corners=False)
+            error = ((flat - up) ** 2).mean(dim=1).view(b, t, h, w)
+        maps[ps] = _aggregate(error, ps, "mean")
     return maps
+
+
+# name -> (scorer, what its scores are, for colour bars). Only entropy is integer-exact
+# and bit-identical across devices; the others are float64 arithmetic.
+SCORERS: dict[str, tuple[Callable[..., dict[int, torch.Tensor]], str]] = {
+    "entropy": (score_entropy, "entropy (bits)"),
+    "laplacian": (score_laplacian, "|Laplacian| of [0,1] gray"),
+    "upsample_mse": (score_upsample_mse, "down-up resampling MSE"),
+}
+AGGREGATES = ("mean", "max", "std")
 
 
 def select_patches(maps: Mapping[int, torch.Tensor], thresholds: Sequence[float]) -> dict[int, torch.Tensor]:
@@ -291,8 +452,8 @@ def select_patches(maps: Mapping[int, torch.Tensor], thresholds: Sequence[float]
 class PatchTokenizer:
     """Multi-scale importance maps and APT masks for CLIP-normalised images.
 
-    Works on whatever device its input lives on; all scales are
-    patch_size * 2**i for i < num_scales.
+    Works on whatever device its input lives on; scales are base_patch_size * 2**i
+    for i < num_scales.
     """
 
     def __init__(
@@ -302,14 +463,22 @@ class PatchTokenizer:
         thresholds: Sequence[float] = (3.0, 2.0),
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
+        method: str = "entropy",
+        aggregate: str = "mean",
     ):
         if len(thresholds) != num_scales - 1:
             raise ValueError(f"{num_scales} scales need {num_scales - 1} thresholds, got {len(thresholds)}")
+        if method not in SCORERS:
+            raise ValueError(f"unknown method {method!r}; choose from {sorted(SCORERS)}")
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregate {aggregate!r}; choose from {AGGREGATES}")
         self.num_scales = num_scales
         self.base_patch_size = base_patch_size
         self.thresholds = tuple(float(t) for t in thresholds)
         self.mean = tuple(mean)
         self.std = tuple(std)
+        self.method = method
+        self.aggregate = aggregate
 
     @property
     def patch_sizes(self) -> tuple[int, ...]:
@@ -317,17 +486,24 @@ class PatchTokenizer:
 
     @torch.inference_mode()
     def compute_importance_maps(self, normalized_images: torch.Tensor) -> dict[int, torch.Tensor]:
-        """(B, 3, H, W) or (B, T, 3, H, W) normalised -> {patch size: (B, rows, cols) float64 bits}.
+        """(B, 3, H, W) or (B, T, 3, H, W) normalised -> {patch size: (B, rows, cols) float64}.
 
-        With a T axis, the T frames of each temporal patch share one histogram.
-        Padded edge cells are NaN.
+        With a T axis, the T frames of each temporal patch are scored together
+        (one histogram per tube). Padded edge cells are NaN.
         """
         x = normalized_images
         if x.dim() == 4:
             x = x.unsqueeze(1)
         if x.dim() != 5 or x.shape[2] != 3:
             raise ValueError(f"expected (B, 3, H, W) or (B, T, 3, H, W), got {tuple(normalized_images.shape)}")
-        return entropy_maps(recover_uint8(x, self.mean, self.std), self.patch_sizes)
+        images_u8 = recover_uint8(x, self.mean, self.std)
+        scorer = SCORERS[self.method][0]
+        h, w = x.shape[-2:]
+        maps = {}
+        for ps, m in scorer(images_u8, self.patch_sizes, self.aggregate).items():
+            pad = torch.from_numpy(padded_cells(h, w, ps)).to(m.device)
+            maps[ps] = m.to(torch.float64).masked_fill(pad, float("nan"))
+        return maps
 
     @torch.inference_mode()
     def construct_masks(self, maps: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -335,9 +511,291 @@ class PatchTokenizer:
         return select_patches(maps, self.thresholds)
 
 
+def _ancestor_minimum(maps: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """For each cell, the smallest score among the larger cells containing it (+inf if none).
+
+    With one shared threshold t, a cell of scale i >= 1 is chosen iff
+    score < t <= ancestor minimum, and a base cell iff t <= ancestor minimum.
+    NaN (padded) scores count as +inf: they never merge.
+    """
+    sizes = sorted(maps)
+    result: dict[int, np.ndarray] = {}
+    above = None  # ancestor minimum including the parent scale itself
+    for i in range(len(sizes) - 1, -1, -1):
+        rows, cols = maps[sizes[i]].shape
+        if above is None:
+            result[sizes[i]] = np.full((rows, cols), np.inf)
+        else:
+            result[sizes[i]] = np.repeat(np.repeat(above, 2, axis=0), 2, axis=1)[:rows, :cols]
+        own = np.nan_to_num(maps[sizes[i]], nan=np.inf, posinf=np.inf)
+        above = np.minimum(result[sizes[i]], own)
+    return {ps: result[ps] for ps in sizes}
+
+
+@dataclass
+class SharedThresholdCounts:
+    """Patch counts as a function of one threshold shared by all scales, exactly.
+
+    Built from any number of images' maps (one dataset); counts(t) is exact for
+    every t, by binary search over the scores where the count can change.
+    """
+
+    patch_sizes: tuple[int, ...]
+    lower: dict[int, np.ndarray]  # sorted scores of the cells that can be chosen (-inf for base)
+    upper: dict[int, np.ndarray]  # their ancestor minima, sorted
+    uniform: int  # base cells, i.e. patches without APT
+
+    @classmethod
+    def from_maps(cls, maps_list: Sequence[Mapping[int, np.ndarray]]) -> "SharedThresholdCounts":
+        sizes = tuple(sorted(maps_list[0]))
+        lower: dict[int, list] = {ps: [] for ps in sizes}
+        upper: dict[int, list] = {ps: [] for ps in sizes}
+        uniform = 0
+        for maps in maps_list:
+            minima = _ancestor_minimum(maps)
+            uniform += maps[sizes[0]].size
+            for i, ps in enumerate(sizes):
+                v = np.full(maps[ps].shape, -np.inf) if i == 0 else np.nan_to_num(maps[ps], nan=np.inf)
+                m = minima[ps]
+                possible = v < m  # else the interval v < t <= m is empty
+                lower[ps].append(v[possible].ravel())
+                upper[ps].append(m[possible].ravel())
+        return cls(
+            sizes,
+            {ps: np.sort(np.concatenate(lower[ps])) for ps in sizes},
+            {ps: np.sort(np.concatenate(upper[ps])) for ps in sizes},
+            uniform,
+        )
+
+    def counts(self, thresholds: np.ndarray) -> dict[int, np.ndarray]:
+        """{patch size: patches of that size} for each shared threshold t (vector)."""
+        t = np.asarray(thresholds, dtype=np.float64)
+        return {
+            ps: np.searchsorted(self.lower[ps], t, side="left") - np.searchsorted(self.upper[ps], t, side="left")
+            for ps in self.patch_sizes
+        }
+
+    def total(self, thresholds: np.ndarray) -> np.ndarray:
+        return sum(self.counts(thresholds).values())
+
+    def candidates(self) -> np.ndarray:
+        """One threshold inside every interval where the count is constant, ascending."""
+        values = np.concatenate([self.lower[ps] for ps in self.patch_sizes[1:]] + [np.empty(0)])
+        values = np.unique(values[np.isfinite(values)])
+        if values.size == 0:
+            return np.array([0.0])
+        return np.append(values, np.nextafter(values[-1], np.inf))
+
+    def useful_range(self) -> tuple[float, float]:
+        """Thresholds from 'nothing merges' to 'everything that can merge does'."""
+        c = self.candidates()
+        return float(c[0]), float(c[-1])
+
+
+def choose_shared_threshold(counts: SharedThresholdCounts, target_ratio: float) -> tuple[float, int]:
+    """(threshold, total patches) whose retained ratio is closest to target_ratio;
+    ties go to more patches. Exact: every distinct outcome is one candidate."""
+    candidates = counts.candidates()
+    totals = counts.total(candidates)
+    distance = np.abs(totals / counts.uniform - target_ratio)
+    order = np.lexsort((-totals, distance))  # smallest distance, then most patches
+    best = int(order[0])
+    return float(candidates[best]), int(totals[best])
+
+
+def sweep_thresholds(counts: SharedThresholdCounts, points: int = 201) -> np.ndarray:
+    """Evenly spaced shared thresholds over the useful range, both ends included."""
+    lo, hi = counts.useful_range()
+    if hi <= lo:
+        return np.array([lo])
+    return np.unique(np.append(np.linspace(lo, hi, points), hi))
+
+
 # ---------------------------------------------------------------------------
-# 4. Rendering (pure: arrays in, images out; nothing touches the disk)
+# 4. Rendering (pure: arrays in, images or HTML out; nothing touches the disk)
 # ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def font(size: int) -> ImageFont.FreeTypeFont:
+    """Pillow's bundled scalable font (no system fonts needed)."""
+    return ImageFont.load_default(size=size)
+
+
+def color_range(values: np.ndarray) -> tuple[float, float]:
+    """(vmin, vmax) over the finite cells only, widened when all are equal."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    return lo, hi
+
+
+def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """(...) float -> (..., 3) uint8 inferno colours over [vmin, vmax]; NaN -> the padded colour."""
+    finite = np.isfinite(values)
+    level = np.zeros(values.shape, dtype=np.int64)
+    level[finite] = np.clip(np.round((values[finite] - vmin) / (vmax - vmin) * 255), 0, 255)
+    rgb = INFERNO[level]
+    rgb[~finite] = PADDED_CELL_RGB
+    return rgb
+
+
+def nice_ticks(lo: float, hi: float, max_ticks: int = 7) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 x 10^k steps) inside [lo, hi]."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return [lo]
+    raw = (hi - lo) / max(1, max_ticks - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks = []
+    k = 0
+    while first + k * step <= hi + step * 1e-9:
+        ticks.append(round(first + k * step, 12))
+        k += 1
+    return ticks
+
+
+def format_tick(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _text_size(text: str, size: int) -> tuple[int, int]:
+    left, top, right, bottom = font(size).getbbox(text)
+    return right - left, bottom - top
+
+
+def _draw_vertical_text(canvas: Image.Image, text: str, center: tuple[float, float], size: int) -> None:
+    """Text rotated 90 degrees counter-clockwise, centred on `center`."""
+    w, h = _text_size(text, size)
+    tile = Image.new("RGBA", (w + 4, h + 8), (255, 255, 255, 0))
+    ImageDraw.Draw(tile).text((2, 2), text, font=font(size), fill=(0, 0, 0, 255))
+    tile = tile.rotate(90, expand=True)
+    canvas.paste(tile, (int(center[0] - tile.width / 2), int(center[1] - tile.height / 2)), tile)
+
+
+def _dashed_line(draw: ImageDraw.ImageDraw, start, end, fill, width=1, dash=6) -> None:
+    (x0, y0), (x1, y1) = start, end
+    length = math.hypot(x1 - x0, y1 - y0)
+    for s in np.arange(0, length, 2 * dash):
+        e = min(s + dash, length)
+        draw.line([(x0 + (x1 - x0) * s / length, y0 + (y1 - y0) * s / length),
+                   (x0 + (x1 - x0) * e / length, y0 + (y1 - y0) * e / length)], fill=fill, width=width)
+
+
+@dataclass(frozen=True)
+class HeatmapGeometry:
+    """Pixel layout of a heatmap picture; cells are `cell` x `cell` px squares."""
+
+    cell: int
+    left: int
+    top: int
+    map_w: int
+    map_h: int
+    width: int
+    height: int
+
+
+HEATMAP_MAP_BOX = (600, 720)  # the map fits in this many pixels (w, h) when cells allow
+
+
+def heatmap_geometry(rows: int, cols: int, legend_lines: int = 2) -> HeatmapGeometry:
+    cell = max(1, min(HEATMAP_MAP_BOX[0] // cols, HEATMAP_MAP_BOX[1] // rows))
+    map_w, map_h = cols * cell, rows * cell
+    left, top, right = 70, 62, 150
+    bottom = 56 + 22 * legend_lines + 8
+    return HeatmapGeometry(cell, left, top, map_w, map_h, left + max(map_w, 330) + right, top + max(map_h, 160) + bottom)
+
+
+def heatmap_map_box(rows: int, cols: int) -> tuple[int, int, int, int]:
+    """Where the map lies in a rendered heatmap: (x0, y0, x1, y1) pixels from the top left."""
+    g = heatmap_geometry(rows, cols)
+    return g.left, g.top, g.left + g.map_w, g.top + g.map_h
+
+
+def render_heatmap(
+    values: np.ndarray,
+    patch_size: int,
+    image_size: tuple[int, int],
+    threshold: float | None = None,
+    chosen: int | None = None,
+    label: str = "entropy (bits)",
+) -> Image.Image:
+    """One square cell per patch, inferno over the finite range, padded cells apart.
+
+    values: (rows, cols) float, NaN for padded cells; image_size: (H, W) of the
+    resized image in px; threshold: marked on the colour bar (scales >= 1);
+    chosen: patches of this size in the APT tiling, for the title.
+    """
+    rows, cols = values.shape
+    height, width = image_size
+    g = heatmap_geometry(rows, cols)
+    vmin, vmax = color_range(values)
+    canvas = Image.new("RGB", (g.width, g.height), "white")
+    draw = ImageDraw.Draw(canvas)
+    cells = np.repeat(np.repeat(colorize(values, vmin, vmax), g.cell, axis=0), g.cell, axis=1)
+    canvas.paste(Image.fromarray(cells), (g.left, g.top))
+    draw.rectangle([g.left - 1, g.top - 1, g.left + g.map_w, g.top + g.map_h], outline="black")
+    px = g.cell / patch_size  # picture pixels per image pixel
+    has_padding = bool(np.isnan(values).any())
+    if has_padding:  # the image edge inside the padded cells
+        xe, ye = g.left + width * px, g.top + height * px
+        if xe < g.left + g.map_w - 1:
+            _dashed_line(draw, (xe, g.top), (xe, min(ye, g.top + g.map_h)), fill="black")
+        if ye < g.top + g.map_h - 1:
+            _dashed_line(draw, (g.left, ye), (min(xe, g.left + g.map_w), ye), fill="black")
+
+    # axes in px of the resized image
+    small = font(12)
+    for x in nice_ticks(0, cols * patch_size, 7):
+        sx = g.left + x * px
+        draw.line([(sx, g.top + g.map_h), (sx, g.top + g.map_h + 5)], fill="black")
+        draw.text((sx, g.top + g.map_h + 7), format_tick(x), font=small, fill="black", anchor="mt")
+    for y in nice_ticks(0, rows * patch_size, 7):
+        sy = g.top + y * px
+        draw.line([(g.left - 5, sy), (g.left, sy)], fill="black")
+        draw.text((g.left - 8, sy), format_tick(y), font=small, fill="black", anchor="rm")
+    draw.text((g.left + g.map_w / 2, g.top + g.map_h + 26), "x (px of the resized image)", font=small,
+              fill="black", anchor="mt")
+    _draw_vertical_text(canvas, "y (px)", (16, g.top + g.map_h / 2), 12)
+    title = f"Importance at {patch_size}x{patch_size} px: grid {cols} x {rows} patches"
+    draw.text((g.left + g.map_w / 2, 10), title, font=font(15), fill="black", anchor="mt")
+    if chosen is not None:
+        draw.text((g.left + g.map_w / 2, 32), f"{chosen} patches of this size in the APT tiling",
+                  font=font(13), fill=(60, 60, 60), anchor="mt")
+
+    # colour bar with the threshold
+    bx, bw = g.left + g.map_w + 26, 22
+    ramp = INFERNO[np.linspace(255, 0, g.map_h).round().astype(int)]
+    canvas.paste(Image.fromarray(np.repeat(ramp[:, None, :], bw, axis=1)), (bx, g.top))
+    draw.rectangle([bx - 1, g.top - 1, bx + bw, g.top + g.map_h], outline="black")
+    to_y = lambda v: g.top + (vmax - v) / (vmax - vmin) * (g.map_h - 1)  # noqa: E731
+    for v in nice_ticks(vmin, vmax, 7):
+        draw.line([(bx + bw, to_y(v)), (bx + bw + 5, to_y(v))], fill="black")
+        draw.text((bx + bw + 8, to_y(v)), format_tick(v), font=small, fill="black", anchor="lm")
+    _draw_vertical_text(canvas, label, (bx + bw + 62, g.top + g.map_h / 2), 13)
+    legend = []
+    if threshold is not None:
+        inside = vmin <= threshold <= vmax
+        if inside:
+            y = to_y(threshold)
+            draw.rectangle([bx - 6, y - 2, bx + bw + 6, y + 1], fill=THRESHOLD_RGB, outline="black")
+        where = "" if inside else (" (below the range)" if threshold < vmin else " (above the range)")
+        legend.append(("threshold", f"threshold {threshold:g}{where}: cells below it merge"))
+    if has_padding:
+        legend.append(("padded", "padded edge cell: extends past the image edge (dashed), never merged"))
+    y = g.top + g.map_h + 50
+    for kind, text in legend:
+        if kind == "threshold":
+            draw.rectangle([12, y + 5, 40, y + 9], fill=THRESHOLD_RGB, outline="black")
+        else:
+            draw.rectangle([12, y, 40, y + 14], fill=PADDED_CELL_RGB, outline="black")
+        draw.text((48, y + 7), text, font=small, fill="black", anchor="lm")
+        y += 22
+    return canvas
 
 
 def patch_id_maps(masks: Mapping[int, np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -403,107 +861,455 @@ def draw_patch_borders(
         out[lines] = color
     else:
         palette = np.asarray(scale_colors, dtype=np.uint8)
-        out[lines] = palette[scale_of[lines]]
+        out[lines] = palette[scale_of[lines] % len(palette)]
     return out
 
 
-def _figure_to_image(fig) -> Image.Image:
+def scale_palette(count: int) -> list[tuple[int, int, int]]:
+    return [SCALE_COLORS[i % len(SCALE_COLORS)] for i in range(count)]
+
+
+def add_scale_legend(image: Image.Image, counts: Mapping[int, int], colors: Sequence[tuple[int, int, int]]) -> Image.Image:
+    """The image with a strip below naming each scale's border colour and patch count."""
+    strip_h = 30
+    out = Image.new("RGB", (image.width, image.height + strip_h), (24, 24, 24))
+    out.paste(image, (0, 0))
+    draw = ImageDraw.Draw(out)
+    x = 8
+    for color, (ps, n) in zip(colors, sorted(counts.items())):
+        draw.rectangle([x, image.height + 9, x + 22, image.height + 21], outline=color, width=3)
+        text = f"{ps} px: {n}"
+        draw.text((x + 30, image.height + 15), text, font=font(13), fill="white", anchor="lm")
+        x += 30 + _text_size(text, 13)[0] + 22
+    return out
+
+
+def _gradient_strip(width: int, vmin: float, vmax: float, caption: str) -> Image.Image:
+    """A 28 px strip: caption, min, an inferno ramp, max."""
+    strip = Image.new("RGB", (width, 28), (24, 24, 24))
+    draw = ImageDraw.Draw(strip)
+    lo, hi = format_tick(vmin), format_tick(vmax)
+    x = 8
+    draw.text((x, 14), caption, font=font(13), fill="white", anchor="lm")
+    x += _text_size(caption, 13)[0] + 12
+    draw.text((x, 14), lo, font=font(13), fill="white", anchor="lm")
+    x += _text_size(lo, 13)[0] + 6
+    ramp_w = max(40, min(240, width - x - _text_size(hi, 13)[0] - 20))
+    ramp = INFERNO[np.linspace(0, 255, ramp_w).round().astype(int)]
+    strip.paste(Image.fromarray(np.repeat(ramp[None], 14, axis=0)), (x, 7))
+    draw.text((x + ramp_w + 6, 14), hi, font=font(13), fill="white", anchor="lm")
+    return strip
+
+
+def blend_importance(rgb: np.ndarray, values: np.ndarray, patch_size: int, vmin: float, vmax: float,
+                     alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """(H, W, 3) uint8 image with each cell's colour blended over it -> (H, W, 3) uint8."""
+    h, w = rgb.shape[:2]
+    cells = np.repeat(np.repeat(colorize(values, vmin, vmax), patch_size, axis=0), patch_size, axis=1)[:h, :w]
+    return (rgb * (1 - alpha) + cells * alpha).round().astype(np.uint8)
+
+
+def render_importance_overlay(rgb: np.ndarray, values: np.ndarray, patch_size: int, label: str) -> Image.Image:
+    """The importance map of one scale blended over the resized image, with a colour key below."""
+    vmin, vmax = color_range(values)
+    blended = Image.fromarray(blend_importance(rgb, values, patch_size, vmin, vmax))
+    out = Image.new("RGB", (blended.width, blended.height + 28))
+    out.paste(blended, (0, 0))
+    out.paste(_gradient_strip(blended.width, vmin, vmax, f"{patch_size} px {label}"), (0, blended.height))
+    return out
+
+
+def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    scale = min(width / image.width, height / image.height)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                        Image.Resampling.BILINEAR)
+
+
+def render_summary_panel(
+    title: str,
+    original: Image.Image,
+    original_size: tuple[int, int],
+    overlay: np.ndarray,
+    maps: Mapping[int, np.ndarray],
+    lines: Sequence[str],
+    label: str,
+) -> Image.Image:
+    """One picture for a report: original, the final patches, the key numbers, each scale's map.
+
+    original: a (possibly downscaled) copy of the input, original_size its true (W, H).
+    """
+    tile_w, tile_h, gap, head = 340, 380, 16, 46
+    sizes = sorted(maps)
+    columns = max(3, len(sizes))
+    width = columns * tile_w + (columns + 1) * gap
+    height = head + 2 * (tile_h + 26) + 3 * gap
+    panel = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(panel)
+    draw.text((gap, 14), title, font=font(18), fill="black")
+
+    def put(image: Image.Image, col: int, row: int, caption: str) -> None:
+        x = gap + col * (tile_w + gap)
+        y = head + row * (tile_h + 26 + gap)
+        fitted = _fit(image, tile_w, tile_h)
+        panel.paste(fitted, (x + (tile_w - fitted.width) // 2, y))
+        draw.text((x + tile_w / 2, y + tile_h + 4), caption, font=font(13), fill="black", anchor="mt")
+
+    put(original, 0, 0, f"original {original_size[0]} x {original_size[1]}")
+    put(Image.fromarray(overlay), 1, 0, f"APT patches on the resized {overlay.shape[1]} x {overlay.shape[0]}")
+    x, y = gap + 2 * (tile_w + gap) + 6, head + 4
+    for line in lines:
+        draw.text((x, y), line, font=font(14), fill="black")
+        y += 22
+    for col, ps in enumerate(sizes):
+        vmin, vmax = color_range(maps[ps])
+        cells = colorize(maps[ps], vmin, vmax)
+        rows, cols = cells.shape[:2]
+        cell = max(1, min(tile_w // cols, tile_h // rows))
+        image = Image.fromarray(np.repeat(np.repeat(cells, cell, axis=0), cell, axis=1))
+        put(image, col, 1, f"{ps} px {label}: {format_tick(vmin)} .. {format_tick(vmax)}")
+    return panel
+
+
+def _figure_png(fig) -> bytes:
+    """A matplotlib Figure (object API, no pyplot state) as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
-def color_range(values: np.ndarray) -> tuple[float, float]:
-    """(vmin, vmax) over the finite cells only, widened when all are equal."""
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return 0.0, 1.0
-    lo, hi = float(finite.min()), float(finite.max())
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    return lo, hi
+def render_sweep_plot(
+    table: Mapping[str, np.ndarray], patch_sizes: Sequence[int], uniform: int,
+    current: tuple[Sequence[float], int] | None, label: str, title: str,
+) -> bytes:
+    """Patches per scale and in total, and the retained ratio, against a shared threshold (PNG bytes).
 
-
-HEATMAP_DPI = 100
-
-
-def heatmap_layout(rows: int, cols: int) -> tuple[float, float, float, float, float, float]:
-    """Heatmap figure geometry in inches: (fig_w, fig_h, map_left, map_bottom, map_w, map_h).
-
-    Square cells within a 6 x 8 in box; margins hold labels, colorbar and legend.
+    table: columns 'threshold', 'patches_<ps>', 'apt_patches', 'retained_ratio';
+    current: (thresholds, apt_patches) of the run's own setting, marked.
     """
-    map_w = min(6.0, 8.0 * cols / rows)
-    map_h = map_w * rows / cols
-    left, right, bottom, top = 0.8, 1.6, 1.0, 0.7
-    return left + map_w + right, bottom + map_h + top, left, bottom, map_w, map_h
-
-
-def heatmap_map_box(rows: int, cols: int) -> tuple[float, float, float, float]:
-    """Where the map lies in the rendered heatmap: (x0, y0, x1, y1) in pixels from the top left."""
-    fig_w, fig_h, left, bottom, map_w, map_h = heatmap_layout(rows, cols)
-    top = fig_h - bottom - map_h
-    return left * HEATMAP_DPI, top * HEATMAP_DPI, (left + map_w) * HEATMAP_DPI, (top + map_h) * HEATMAP_DPI
-
-
-def render_heatmap(
-    values: np.ndarray,
-    patch_size: int,
-    image_size: tuple[int, int],
-    threshold: float | None = None,
-    chosen: int | None = None,
-    label: str = "entropy (bits)",
-) -> Image.Image:
-    """One cell per patch, inferno colours over the finite range, padded cells apart.
-
-    values: (rows, cols) float with NaN for padded cells; image_size: (H, W) of
-    the resized image; threshold: marked on the colorbar (scales >= 1);
-    chosen: how many patches this scale contributes, for the title.
-    """
-    import matplotlib
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch, Rectangle
 
-    rows, cols = values.shape
-    height, width = image_size
-    vmin, vmax = color_range(values)
-    cmap = matplotlib.colormaps[HEATMAP_CMAP].with_extremes(bad=PADDED_CELL_COLOR)
-    extent_w, extent_h = cols * patch_size, rows * patch_size
-    fig_w, fig_h, left, bottom, map_w, map_h = heatmap_layout(rows, cols)
-    fig = Figure(figsize=(fig_w, fig_h), dpi=HEATMAP_DPI)
-    ax = fig.add_axes((left / fig_w, bottom / fig_h, map_w / fig_w, map_h / fig_h))
-    im = ax.imshow(
-        np.ma.masked_invalid(values), cmap=cmap, vmin=vmin, vmax=vmax,
-        extent=(0, extent_w, extent_h, 0), interpolation="nearest",
+    fig = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    t = table["threshold"]
+    for ps, color in zip(patch_sizes, ("#2ca02c", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#8c564b")):
+        ax.plot(t, table[f"patches_{ps}"], color=color, linewidth=1.2, label=f"{ps} px patches")
+    ax.plot(t, table["apt_patches"], color="black", linewidth=2.2, label="APT patches (total)")
+    ax.axhline(uniform, color="gray", linestyle="--", linewidth=1, label=f"uniform grid: {uniform} patches")
+    if current is not None:
+        thresholds, apt = current
+        if len(set(thresholds)) == 1:
+            ax.plot([thresholds[0]], [apt], marker="*", markersize=14, color="#e377c2", linestyle="none",
+                    label=f"this run: threshold {thresholds[0]:g}, {apt} patches")
+        else:
+            ax.axhline(apt, color="#e377c2", linestyle=":", linewidth=1.5,
+                       label=f"this run: thresholds {', '.join(f'{v:g}' for v in thresholds)}, {apt} patches")
+    ax.set_xlabel(f"threshold shared by all scales ({label})")
+    ax.set_ylabel("patches")
+    ax.set_ylim(bottom=0)
+    right = ax.twinx()
+    right.set_ylim(0, ax.get_ylim()[1] / uniform)
+    right.set_ylabel("retained ratio (APT / uniform)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title, fontsize=11)
+    ax.grid(alpha=0.3)
+    return _figure_png(fig)
+
+
+def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> bytes:
+    """Retained-ratio histogram and APT vs uniform patches per image (PNG bytes)."""
+    from matplotlib.figure import Figure
+
+    ok = [r for r in rows if r["status"] in ("ok", "reused")]
+    ratios = np.array([r["retained_ratio"] for r in ok], dtype=float)
+    uniform = np.array([r["uniform_patches"] for r in ok], dtype=float)
+    apt = np.array([r["apt_patches"] for r in ok], dtype=float)
+    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    if ratios.size:
+        left.hist(ratios, bins=min(30, max(5, ratios.size // 3)), range=(0, 1), color="#4c72b0", edgecolor="white")
+        for value, name, style in ((ratios.mean(), "mean", "-"), (np.median(ratios), "median", "--")):
+            left.axvline(value, color="black", linestyle=style, label=f"{name} {value:.3f}")
+        left.legend()
+        right.scatter(uniform, apt, s=14, alpha=0.7, color="#dd8452")
+        top = max(uniform.max(), 1) * 1.05
+        right.plot([0, top], [0, top], color="gray", linestyle="--", linewidth=1, label="no saving (APT = uniform)")
+        right.plot([0, top], [0, top * ratios.mean()], color="black", linewidth=1,
+                   label=f"mean ratio {ratios.mean():.3f}")
+        right.set_xlim(0, top)
+        right.set_ylim(0, top)
+        right.legend(loc="upper left")
+    left.set_xlim(0, 1)
+    left.set_xlabel("retained ratio (APT patches / uniform patches)")
+    left.set_ylabel("images")
+    left.set_title(f"Retained ratio over {ratios.size} images")
+    right.set_xlabel("uniform patches (Qwen2-VL ViT tokens without APT)")
+    right.set_ylabel("APT patches")
+    right.set_title("APT vs uniform patches per image")
+    fig.suptitle(f"APT summary ({thresholds_text})")
+    return _figure_png(fig)
+
+
+def _json_for_script(data: object) -> str:
+    """JSON safe to embed in an HTML <script> element."""
+    return json.dumps(data, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
+
+
+def _maps_for_json(maps: Mapping[int, np.ndarray]) -> dict[str, list]:
+    """{size: rows of floats, null for padded cells}; floats round-trip exactly."""
+    return {str(ps): [[v if v == v else None for v in row] for row in m.tolist()]  # v != v: NaN
+            for ps, m in sorted(maps.items())}
+
+
+EXPLORER_SCRIPT = r"""
+const D = JSON.parse(document.getElementById('data').textContent);
+const sizes = D.patch_sizes, n = sizes.length;
+const dims = sizes.map(s => [D.maps[s].length, D.maps[s][0].length]);
+const canvas = document.getElementById('view'), ctx = canvas.getContext('2d');
+const img = new Image();
+function select(th) {
+  // the rule of select_patches: from the largest scale down, a cell of scale i >= 1 is
+  // chosen where score < th[i-1] and no larger chosen cell covers it; the rest are base cells
+  const masks = new Array(n); let covered = null, parentCols = 0;
+  for (let i = n - 1; i >= 0; i--) {
+    const [rows, cols] = dims[i], m = new Uint8Array(rows * cols), cov = new Uint8Array(rows * cols);
+    const values = D.maps[sizes[i]];
+    for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
+      const up = covered ? covered[(r >> 1) * parentCols + (c >> 1)] : 0;
+      const v = values[r][c];
+      const chosen = !up && (i === 0 || (v !== null && v < th[i - 1]));
+      m[r * cols + c] = chosen ? 1 : 0; cov[r * cols + c] = (up || chosen) ? 1 : 0;
+    }
+    masks[i] = m; covered = cov; parentCols = cols;
+  }
+  return masks;
+}
+function thresholds() {
+  return sizes.slice(1).map((_, k) => parseFloat(document.getElementById('threshold-' + k).value));
+}
+function drawMap(scale) {
+  const i = sizes.indexOf(scale), [rows, cols] = dims[i], values = D.maps[scale];
+  let lo = Infinity, hi = -Infinity;
+  for (const row of values) for (const v of row) if (v !== null) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  if (!(hi - lo > 1e-12)) { lo -= 0.5; hi += 0.5; }
+  const off = document.createElement('canvas'); off.width = cols; off.height = rows;
+  const octx = off.getContext('2d'), data = octx.createImageData(cols, rows);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
+    const v = values[r][c], k = 4 * (r * cols + c);
+    const rgb = v === null ? D.padded_rgb : D.colormap[Math.max(0, Math.min(255, Math.round((v - lo) / (hi - lo) * 255)))];
+    data.data[k] = rgb[0]; data.data[k + 1] = rgb[1]; data.data[k + 2] = rgb[2]; data.data[k + 3] = 255;
+  }
+  octx.putImageData(data, 0, 0);
+  ctx.save(); ctx.globalAlpha = D.alpha; ctx.imageSmoothingEnabled = false;
+  ctx.drawImage(off, 0, 0, cols * scale, rows * scale); ctx.restore();
+  document.getElementById('map-range').textContent = lo.toPrecision(4) + ' .. ' + hi.toPrecision(4) + ' ' + D.label;
+}
+function update() {
+  const th = thresholds(), masks = select(th);
+  let total = 0;
+  sizes.forEach((s, i) => {
+    const count = masks[i].reduce((a, b) => a + b, 0); total += count;
+    document.getElementById('count-' + s).textContent = count;
+  });
+  th.forEach((t, k) => { document.getElementById('threshold-value-' + k).textContent = t.toPrecision(6); });
+  document.getElementById('apt-patches').textContent = total;
+  document.getElementById('retained-ratio').textContent = (total / D.uniform).toFixed(4);
+  document.getElementById('retained-percent').textContent = (100 * total / D.uniform).toFixed(1) + '%';
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(img, 0, 0);
+  if (document.getElementById('show-map').checked) drawMap(parseInt(document.getElementById('map-scale').value));
+  else document.getElementById('map-range').textContent = '';
+  if (document.getElementById('show-borders').checked) {
+    ctx.save(); ctx.beginPath(); ctx.rect(0, 0, D.width, D.height); ctx.clip();
+    ctx.lineWidth = D.line_thickness;
+    sizes.forEach((s, i) => {
+      ctx.strokeStyle = D.scale_colors ? 'rgb(' + D.scale_colors[i % D.scale_colors.length].join(',') + ')'
+                                       : 'rgb(' + D.line_color.join(',') + ')';
+      const [rows, cols] = dims[i], m = masks[i];
+      for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++)
+        if (m[r * cols + c]) ctx.strokeRect(c * s, r * s, s, s);
+    });
+    ctx.restore();
+  }
+  document.body.dataset.ready = '1';
+}
+document.querySelectorAll('input, select').forEach(e => { e.addEventListener('input', update); e.addEventListener('change', update); });
+document.getElementById('reset').addEventListener('click', () => {
+  D.thresholds.forEach((t, k) => { document.getElementById('threshold-' + k).value = t; }); update();
+});
+img.onload = update;
+img.src = D.image;
+"""
+
+
+def explorer_html(
+    title: str,
+    image_jpeg: bytes,
+    maps: Mapping[int, np.ndarray],
+    thresholds: Sequence[float],
+    counts: Mapping[int, int],
+    uniform: int,
+    qwen2vl_tokens: int,
+    label: str,
+    options: RenderOptions,
+) -> str:
+    """A self-contained page: the image, patch borders, one slider per threshold and live counts
+    recomputed in the page with the same rule as select_patches."""
+    sizes = sorted(maps)
+    finite = [m[np.isfinite(m)] for ps, m in maps.items() if ps != sizes[0]]
+    values = np.concatenate(finite) if finite else np.empty(0)
+    lo = min([0.0, *thresholds, *(values.min(keepdims=True) if values.size else [])])
+    hi = max([*thresholds, *(values.max(keepdims=True) if values.size else [1.0])])
+    hi += max(hi - lo, 1e-9) * 0.01  # so that every cell can merge
+    height, width = maps[sizes[0]].shape[0] * sizes[0], maps[sizes[0]].shape[1] * sizes[0]
+    data = {
+        "image": "data:image/jpeg;base64," + base64.b64encode(image_jpeg).decode(),
+        "width": width, "height": height, "patch_sizes": list(sizes), "maps": _maps_for_json(maps),
+        "thresholds": list(thresholds), "uniform": uniform, "label": label,
+        "colormap": INFERNO.tolist(), "padded_rgb": list(PADDED_CELL_RGB), "alpha": OVERLAY_ALPHA,
+        "line_color": list(options.line_color), "line_thickness": options.line_thickness,
+        "scale_colors": scale_palette(len(sizes)) if options.color_by_scale else None,
+        "cli_apt_patches": sum(counts.values()),
+    }
+    esc = html.escape
+    sliders = "\n".join(
+        f'<div class="slider"><label for="threshold-{k}">threshold for {ps} px patches</label>'
+        f'<input type="range" id="threshold-{k}" min="{lo!r}" max="{hi!r}" step="any" value="{t!r}">'
+        f'<output id="threshold-value-{k}">{t:g}</output></div>'
+        for k, (ps, t) in enumerate(zip(sizes[1:], thresholds))
     )
-    handles = []
-    if np.isnan(values).any():
-        ax.add_patch(Rectangle((0, 0), width, height, fill=False, edgecolor="black", linestyle="--", linewidth=1))
-        handles.append(Patch(facecolor=PADDED_CELL_COLOR, edgecolor="black", linewidth=0.5,
-                             label="padded edge cell: extends past the image edge (dashed), never merged"))
-    ax.set_xlabel("x (px of the resized image)", fontsize=9)
-    ax.set_ylabel("y (px)", fontsize=9)
-    ax.tick_params(labelsize=8)
-    title = f"Importance at {patch_size}x{patch_size} px: grid {cols} x {rows} patches"
-    if chosen is not None:
-        title += f"\n{chosen} patches of this size in the APT tiling"
-    ax.set_title(title, fontsize=10)
-    cax = fig.add_axes(((left + map_w + 0.25) / fig_w, bottom / fig_h, 0.22 / fig_w, map_h / fig_h))
-    cbar = fig.colorbar(im, cax=cax)
-    cbar.set_label(label, fontsize=9)
-    cax.tick_params(labelsize=8)
-    if threshold is not None:
-        where = "" if vmin <= threshold <= vmax else (" (below range)" if threshold < vmin else " (above range)")
-        if not where:
-            cax.axhline(threshold, color=THRESHOLD_LINE_COLOR, linewidth=3)
-        handles.insert(0, Line2D([], [], color=THRESHOLD_LINE_COLOR, linewidth=3,
-                                 label=f"threshold {threshold:g} bits{where}: cells below it merge"))
-    if handles:
-        fig.legend(handles=handles, loc="lower left", bbox_to_anchor=(0.1 / fig_w, 0.05 / fig_h),
-                   fontsize=8, frameon=False)
-    return _figure_to_image(fig)
+    count_rows = "\n".join(f'<tr><td>{ps} px patches</td><td id="count-{ps}">{counts[ps]}</td></tr>' for ps in sizes)
+    scale_options = "".join(f'<option value="{ps}">{ps} px</option>' for ps in sizes)
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>APT explorer: {esc(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 16px; color: #222; }}
+h1 {{ font-size: 20px; margin: 0 0 10px; }}
+.layout {{ display: flex; gap: 24px; align-items: flex-start; flex-wrap: wrap; }}
+.panel {{ min-width: 320px; max-width: 420px; }}
+.slider {{ margin: 8px 0; }} .slider label {{ display: block; font-size: 14px; }}
+.slider input {{ width: 260px; vertical-align: middle; }} output {{ font-family: monospace; margin-left: 8px; }}
+table {{ border-collapse: collapse; margin-top: 10px; }} td {{ padding: 3px 10px; border-bottom: 1px solid #ddd; }}
+td:last-child {{ text-align: right; font-family: monospace; }} tr.total td {{ font-weight: bold; }}
+canvas {{ max-width: 100%; height: auto; border: 1px solid #aaa; image-rendering: pixelated; }}
+.note {{ font-size: 12px; color: #555; margin-top: 10px; }}
+</style></head>
+<body>
+<h1>APT explorer: {esc(title)}</h1>
+<div class="layout">
+<div class="panel">
+{sliders}
+<button id="reset" type="button">reset to this run's thresholds</button>
+<table>
+{count_rows}
+<tr class="total"><td>APT patches (total)</td><td id="apt-patches">{sum(counts.values())}</td></tr>
+<tr><td>uniform patches (no APT)</td><td id="uniform-patches">{uniform}</td></tr>
+<tr><td>retained ratio</td><td><span id="retained-ratio">{sum(counts.values()) / uniform:.4f}</span>
+ (<span id="retained-percent">{100 * sum(counts.values()) / uniform:.1f}%</span>)</td></tr>
+<tr><td>Qwen2-VL LLM tokens without APT</td><td id="qwen2vl-tokens">{qwen2vl_tokens}</td></tr>
+</table>
+<p><label><input type="checkbox" id="show-borders" checked> patch borders</label><br>
+<label><input type="checkbox" id="show-map"> importance map of scale</label>
+<select id="map-scale">{scale_options}</select> <span id="map-range" class="note"></span></p>
+<p class="note">A patch of scale i merges where its {esc(label)} is below the i-th threshold and no
+larger chosen patch covers it; the rest of the image stays in {sizes[0]} px patches. Padded edge cells
+never merge. Counts are recomputed here with the same rule as the command line.</p>
+</div>
+<canvas id="view" width="{width}" height="{height}"></canvas>
+</div>
+<script id="data" type="application/json">{_json_for_script(data)}</script>
+<script>{EXPLORER_SCRIPT}</script>
+</body></html>
+"""
+
+
+REPORT_SCRIPT = r"""
+const table = document.getElementById('results');
+table.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
+  const body = table.tBodies[0], rows = Array.from(body.rows);
+  const numeric = th.dataset.type === 'number', asc = th.dataset.order !== 'asc';
+  rows.sort((a, b) => {
+    const x = a.cells[col].dataset.value, y = b.cells[col].dataset.value;
+    const d = numeric ? parseFloat(x) - parseFloat(y) : x.localeCompare(y);
+    return asc ? d : -d;
+  });
+  table.querySelectorAll('th').forEach(h => delete h.dataset.order);
+  th.dataset.order = asc ? 'asc' : 'desc';
+  rows.forEach(r => body.appendChild(r));
+}));
+window.addEventListener('load', () => {
+  const images = Array.from(document.images);
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+});
+"""
+
+
+def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence[int]) -> str:
+    """A static gallery of a batch run: overlay thumbnails and numbers, sortable, failures listed.
+
+    rows: the summary rows; their 'output' is the image's folder relative to the report.
+    """
+    esc = html.escape
+    ok = sorted((r for r in rows if r["status"] in ("ok", "reused")), key=lambda r: r["retained_ratio"])
+    failed = [r for r in rows if r["status"] == "failed"]
+    body = []
+    for r in ok:
+        folder = Path(r["output"]).as_posix()
+        thumb = f"{folder}/patches_visualization.jpg"
+        has_picture = r.get("pictures", True)
+        link = f"{folder}/explorer.html" if has_picture else f"{folder}/stats.json"
+        picture = (f'<a href="{esc(link)}"><img src="{esc(thumb)}" alt="patches of {esc(r["path"])}" '
+                   f'width="{THUMBNAIL_WIDTH}"></a>') if has_picture else '<span class="note">stats only</span>'
+        cells = [
+            f'<td data-value="{esc(r["path"])}">{picture}<br><a href="{esc(link)}">{esc(r["path"])}</a></td>',
+            f'<td data-value="{r["retained_ratio"]!r}">{r["retained_ratio"]:.4f}</td>',
+            f'<td data-value="{r["apt_patches"]}">{r["apt_patches"]}</td>',
+            f'<td data-value="{r["uniform_patches"]}">{r["uniform_patches"]}</td>',
+            f'<td data-value="{r["qwen2vl_tokens"]}">{r["qwen2vl_tokens"]}</td>',
+            *(f'<td data-value="{r.get(f"patches_{ps}", 0)}">{r.get(f"patches_{ps}", 0)}</td>' for ps in patch_sizes),
+            f'<td data-value="{r["resized_width"] * r["resized_height"]}">'
+            f'{r["original_width"]}x{r["original_height"]} &rarr; {r["resized_width"]}x{r["resized_height"]}</td>',
+        ]
+        body.append(f'<tr class="result">{"".join(cells)}</tr>')
+    heads = ["image", "retained ratio", "APT patches", "uniform patches", "Qwen2-VL tokens (no APT)",
+             *(f"{ps} px" for ps in patch_sizes), "size"]
+    types = ["text"] + ["number"] * (len(heads) - 1)
+    head = "".join(f'<th data-type="{t}">{esc(h)}</th>' for h, t in zip(heads, types))
+    failures = "".join(f'<li><code>{esc(r["path"])}</code>: {esc(r["error"])}</li>' for r in failed)
+    ratio = summary["retained_ratio"]
+    stats_line = (
+        f'{summary["images"]["ok"] + summary["images"]["reused"]} images analysed, {summary["images"]["failed"]} failed, '
+        f'{summary["files_skipped"]} other files skipped. Thresholds {esc(str(summary["thresholds"]))}'
+        + (f' (chosen for target ratio {summary["target_ratio"]})' if summary.get("target_ratio") else "")
+        + (f'. Retained ratio mean {ratio["mean"]:.4f}, median {ratio["median"]:.4f}, '
+           f'p10 {ratio["p10"]:.4f}, p90 {ratio["p90"]:.4f}; overall {ratio["overall"]:.4f}.' if ratio else ".")
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>APT batch report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 16px; color: #222; }}
+table {{ border-collapse: collapse; }} th {{ cursor: pointer; background: #eee; padding: 6px; position: sticky; top: 0; }}
+th[data-order=asc]::after {{ content: " \\25B2"; }} th[data-order=desc]::after {{ content: " \\25BC"; }}
+td {{ padding: 6px; border-bottom: 1px solid #ddd; vertical-align: top; font-family: monospace; }}
+td:first-child {{ font-family: system-ui, sans-serif; }} .note {{ color: #666; }}
+</style></head>
+<body>
+<h1>APT batch report</h1>
+<p>{stats_line}</p>
+<p class="note">Rows are ordered by retained ratio (lowest first: the most tokens saved); click a
+column to sort. Thumbnails link to each image's interactive explorer. See summary.png, summary.csv
+and summary.json next to this page.</p>
+<table id="results"><thead><tr>{head}</tr></thead><tbody>
+{chr(10).join(body)}
+</tbody></table>
+<h2>Failures ({len(failed)})</h2>
+<ul id="failures">{failures}</ul>
+<script>{REPORT_SCRIPT}</script>
+</body></html>
+"""
 
 
 # ---------------------------------------------------------------------------
@@ -523,17 +1329,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def check_input_file(path: Path) -> None:
+    if not path.exists():
+        raise ToolError(f"{path}: no such file")
+    if path.is_dir():
+        raise ToolError(f"{path}: is a directory, expected a file")
+    if path.stat().st_size == 0:
+        raise ToolError(f"{path}: file is empty")
+
+
 def load_image(path: Path) -> Image.Image:
     """Decode the first frame, apply the EXIF orientation, convert to RGB.
 
     Raises ToolError naming the path for every way a file can fail to be an image.
     """
-    if not path.exists():
-        raise ToolError(f"{path}: no such file")
-    if path.is_dir():
-        raise ToolError(f"{path}: is a directory, expected an image file")
-    if path.stat().st_size == 0:
-        raise ToolError(f"{path}: file is empty")
+    check_input_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -541,8 +1351,7 @@ def load_image(path: Path) -> Image.Image:
                 image.seek(0)
                 image.load()
                 mode = image.mode
-                upright = ImageOps.exif_transpose(image)
-                rgb = to_rgb(upright)
+                rgb = to_rgb(ImageOps.exif_transpose(image))
                 rgb.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ToolError(f"{path}: image too large, refused as a possible decompression bomb ({exc})") from None
@@ -562,9 +1371,129 @@ def sample_image_path() -> Path:
     return Path(cbook.get_sample_data(SAMPLE_IMAGE, asfileobj=False))
 
 
-def encode_png(image: Image.Image) -> bytes:
+def sniff_kind(path: Path) -> str | None:
+    """'image' or 'video' from the file's first bytes, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n" or head[:6] in (b"GIF87a", b"GIF89a"):
+        return "image"
+    if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return "image"
+    if head[4:8] == b"ftyp" or head[:4] == b"\x1a\x45\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI "):
+        return "video"
+    return None
+
+
+def kind_of(path: Path) -> str | None:
+    """'image' or 'video' by extension, else by content; None for other files."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in VIDEO_EXTENSIONS:
+        return "video"
+    return sniff_kind(path)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and where its outputs go."""
+
+    path: Path  # the file to read
+    label: str  # how summaries name it: its path relative to the input root
+    out_dir: Path  # this input's output folder
+    kind: str  # 'image' or 'video'
+
+
+@dataclass
+class Discovery:
+    jobs: list[Job]
+    skipped: int  # files that are neither images nor videos
+    flat: bool  # a single file: outputs directly in the output directory
+
+
+def _glob_root(pattern: str) -> Path:
+    """The folder part of a glob pattern before its first wildcard."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _walk(folder: Path, exclude: Path) -> Iterator[Path]:
+    """Files under folder, sorted, skipping hidden entries and the output directory."""
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != exclude)
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield here / name
+
+
+def discover(inputs: Sequence[str], out_root: Path) -> Discovery:
+    """Expand files, folders (recursively) and glob patterns into jobs.
+
+    A single existing file keeps the flat layout; anything else gets one
+    folder per input mirroring its path (full file name included) relative to
+    the inputs' common root. Raises ToolError for inputs that match nothing.
+    """
+    if len(inputs) == 1 and Path(inputs[0]).is_file():
+        path = Path(inputs[0])
+        return Discovery([Job(path, str(path), out_root, kind_of(path) or "image")], 0, True)
+    exclude = out_root.resolve()
+    found: list[tuple[Path, Path, str]] = []  # (file, root, kind)
+    skipped = 0
+    for text in inputs:
+        path = Path(text)
+        if path.is_file():
+            found.append((path, path.parent, kind_of(path) or "image"))
+            continue
+        if path.is_dir():
+            candidates, root = list(_walk(path, exclude)), path
+        elif glob.has_magic(text):
+            root = _glob_root(text)
+            candidates = []
+            for match in sorted(glob.glob(text, recursive=True)):
+                m = Path(match)
+                if m.is_dir():
+                    candidates.extend(_walk(m, exclude))
+                elif m.is_file() and not str(m.resolve()).startswith(str(exclude) + os.sep):
+                    candidates.append(m)
+            if not candidates:
+                raise ToolError(f"{text}: no files match")
+        else:
+            raise ToolError(f"{text}: no such file or directory")
+        usable = 0
+        for candidate in candidates:
+            kind = kind_of(candidate)
+            if kind is None:
+                skipped += 1
+            else:
+                found.append((candidate, root, kind))
+                usable += 1
+        if usable == 0:
+            raise ToolError(f"{text}: no images or videos found ({len(candidates)} other files skipped)")
+    roots = {root.resolve() for _, root, _ in found}
+    common = Path(os.path.commonpath([str(r) for r in roots]))
+    jobs, seen = [], set()
+    for path, _, kind in found:
+        resolved = path.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        relative = resolved.relative_to(common)
+        jobs.append(Job(path, relative.as_posix(), out_root / relative, kind))
+    return Discovery(jobs, skipped, False)
+
+
+def encode_png(image: Image.Image, compress_level: int = 3) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=3)
+    image.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -584,6 +1513,14 @@ def encode_json(data: object) -> bytes:
     return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode()
 
 
+def encode_csv(rows: Sequence[Mapping], columns: Sequence[str]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode()
+
+
 def check_output_dir(out_dir: Path) -> None:
     """Fail early, leaving nothing behind, unless out_dir is (or can be made) a writable directory."""
     probe = out_dir
@@ -601,29 +1538,43 @@ def check_output_dir(out_dir: Path) -> None:
         raise ToolError(f"{out_dir}: output directory is not writable ({exc.strerror or exc})") from None
 
 
-def write_files(out_dir: Path, files: Mapping[str, bytes]) -> list[Path]:
+class staged_output:
+    """Context manager: a hidden staging folder inside out_dir whose files are renamed
+    into out_dir when the block succeeds, and deleted when it fails."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.staging: Path | None = None
+
+    def __enter__(self) -> Path:
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out_dir))
+        except OSError as exc:
+            raise ToolError(f"{self.out_dir}: cannot create output directory ({exc.strerror or exc})") from None
+        return self.staging
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                for item in sorted(self.staging.iterdir()):
+                    os.replace(item, self.out_dir / item.name)
+            elif issubclass(exc_type, OSError):
+                raise ToolError(f"{self.out_dir}: writing outputs failed ({exc.strerror or exc})") from None
+        except OSError as err:
+            raise ToolError(f"{self.out_dir}: writing outputs failed ({err.strerror or err})") from None
+        finally:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def write_files(out_dir: Path, files: Mapping[str, bytes]) -> None:
     """Write all files or none: stage them in a hidden folder, then rename into place."""
-    staging = None
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    with staged_output(out_dir) as staging:
         for name, data in files.items():
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(data)
-        written = []
-        for name in files:
-            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / name, out_dir / name)
-            written.append(out_dir / name)
-        return written
-    except OSError as exc:
-        raise ToolError(f"{out_dir}: writing outputs failed ({exc.strerror or exc})") from None
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
-def refuse_overwriting_input(input_path: Path, out_dir: Path, names: Sequence[str]) -> None:
+def refuse_overwriting_input(input_path: Path, out_dir: Path, names: Iterable[str]) -> None:
     """Stop before writing if any output would replace the input file itself."""
     target = input_path.resolve()
     for name in names:
@@ -631,82 +1582,169 @@ def refuse_overwriting_input(input_path: Path, out_dir: Path, names: Sequence[st
             raise ToolError(f"{input_path}: is one of the outputs ({name}) in {out_dir}; choose another -o")
 
 
+def load_processor_settings(path: Path) -> dict:
+    """Geometry and normalisation from a Qwen2-VL-family preprocessor_config.json
+    (or a model folder holding one), read through transformers. Raises ToolError."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    except ImportError:
+        raise ToolError("--processor needs transformers: pip install transformers") from None
+    config = path / "preprocessor_config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise ToolError(f"{config}: no such file (expected a preprocessor_config.json or a model folder)")
+    try:
+        values, _ = Qwen2VLImageProcessorPil.get_image_processor_dict(str(config))
+        processor = Qwen2VLImageProcessorPil(**values)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ToolError(f"{config}: not a Qwen2-VL image processor config ({exc})") from None
+    size = processor.size
+    return {
+        "patch_size": int(processor.patch_size), "merge_size": int(processor.merge_size),
+        "temporal_patch_size": int(processor.temporal_patch_size),
+        "min_pixels": int(size.shortest_edge), "max_pixels": int(size.longest_edge),
+        "image_mean": tuple(float(v) for v in processor.image_mean),
+        "image_std": tuple(float(v) for v in processor.image_std),
+    }
+
+
 # ---------------------------------------------------------------------------
 # 6. Pipeline
 # ---------------------------------------------------------------------------
 
 
+class Stopwatch:
+    """Milliseconds per named step."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self._last) * 1000
+        self._last = now
+
+
 @dataclass
-class ImageAnalysis:
-    """Everything computed for one image, on the CPU as numpy."""
+class Prepared:
+    """A decoded, resized image (made in a worker process: no torch here)."""
 
-    original: Image.Image  # EXIF-corrected RGB input
+    job: Job
+    original_size: tuple[int, int]  # (W, H) after EXIF orientation
     resized: np.ndarray  # (H, W, 3) uint8, what the model sees
-    maps: dict[int, np.ndarray]  # patch size -> (rows, cols) float64 bits, NaN = padded
-    masks: dict[int, np.ndarray]  # patch size -> (rows, cols) bool, chosen patches
-    timings_ms: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def resized_size(self) -> tuple[int, int]:
-        """(H, W)."""
-        return self.resized.shape[0], self.resized.shape[1]
+    original_jpeg: bytes | None  # original_image.jpg, when pictures are written
+    original_preview: Image.Image | None  # small copy of the original for the summary panel
+    timings: dict[str, float]
 
 
 def resize_for_qwen2vl(image: Image.Image, settings: Settings, label: str = "image") -> np.ndarray:
-    """RGB PIL image -> (H, W, 3) uint8 at smart_resize's size, PIL bicubic."""
+    """RGB PIL image -> (H, W, 3) uint8 at smart_resize's size (image pixel limits), PIL bicubic."""
     try:
-        height, width = smart_resize(
-            image.height, image.width, settings.factor, settings.min_pixels, settings.max_pixels
-        )
+        height, width = smart_resize(image.height, image.width, settings.factor, settings.min_pixels,
+                                     settings.max_pixels)
     except ValueError as exc:
         raise ToolError(f"{label}: {exc}") from None
     return np.array(image.resize((width, height), Image.Resampling.BICUBIC))
 
 
-def analyse(resized: np.ndarray, settings: Settings, device: torch.device) -> tuple[dict, dict]:
-    """(H, W, 3) uint8 resized image -> (maps, masks) as numpy, computed on device."""
-    normalized = torch.from_numpy(normalize_image(resized, settings.image_mean, settings.image_std))
+def prepare_image(job: Job, settings: Settings, pictures: bool) -> Prepared:
+    """Load, orient, convert and resize one image; encode the original when pictures are wanted."""
+    watch = Stopwatch()
+    original = load_image(job.path)
+    watch.lap("load")
+    resized = resize_for_qwen2vl(original, settings, str(job.path))
+    watch.lap("resize")
+    jpeg = preview = None
+    if pictures:
+        jpeg = encode_jpeg(original)
+        preview = _fit(original, 680, 760)
+        watch.lap("encode")
+    return Prepared(job, (original.width, original.height), resized, jpeg, preview, watch.ms)
+
+
+def compute_maps(
+    images: Sequence[np.ndarray], settings: Settings, device: torch.device
+) -> list[dict[int, np.ndarray]]:
+    """Importance maps of several (H, W, 3) uint8 images, or (T, H, W, 3) tubes, as numpy.
+
+    On CUDA, inputs of equal shape are scored together, CUDA_BATCH at a time;
+    results are the same as one by one. This is the one crossing to numpy.
+    """
     tokenizer = PatchTokenizer(
         num_scales=settings.num_scales, base_patch_size=settings.patch_size, thresholds=settings.thresholds,
-        mean=settings.image_mean, std=settings.image_std,
+        mean=settings.image_mean, std=settings.image_std, method=settings.method, aggregate=settings.aggregate,
     )
-    maps_t = tokenizer.compute_importance_maps(normalized.unsqueeze(0).to(device))
-    masks_t = tokenizer.construct_masks(maps_t)
-    # the one crossing from torch to numpy
-    maps = {ps: m[0].cpu().numpy() for ps, m in maps_t.items()}
-    masks = {ps: m[0].cpu().numpy() for ps, m in masks_t.items()}
-    return maps, masks
+    batch = CUDA_BATCH if device.type == "cuda" else 1
+    results: list[dict[int, np.ndarray] | None] = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for k, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(k)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch):
+            chunk = indices[start:start + batch]
+            first = images[chunk[0]]
+            frames = 1 if first.ndim == 3 else first.shape[0]
+            stacked = np.empty((len(chunk), frames, 3, *first.shape[-3:-1]), dtype=np.float32)  # (B, T, 3, H, W)
+            for j, k in enumerate(chunk):
+                for f, frame in enumerate(images[k].reshape(frames, *first.shape[-3:])):
+                    stacked[j, f] = normalize_image(frame, settings.image_mean, settings.image_std)
+            tensor = torch.from_numpy(stacked).to(device)
+            maps = tokenizer.compute_importance_maps(tensor)
+            arrays = {ps: m.cpu().numpy() for ps, m in maps.items()}
+            for j, k in enumerate(chunk):
+                results[k] = {ps: a[j] for ps, a in arrays.items()}
+    return results  # type: ignore[return-value]
+
+
+def compute_masks(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> dict[int, np.ndarray]:
+    """The APT choice for numpy maps (same rule and code as on the device)."""
+    chosen = select_patches({ps: torch.from_numpy(m) for ps, m in maps.items()}, thresholds)
+    return {ps: m.numpy() for ps, m in chosen.items()}
 
 
 def patch_counts(masks: Mapping[int, np.ndarray]) -> dict[int, int]:
     return {ps: int(m.sum()) for ps, m in sorted(masks.items())}
 
 
-def build_stats(
-    image_label: str, analysis: ImageAnalysis, settings: Settings, device: torch.device
-) -> dict:
+@dataclass
+class ImageResult:
+    """Everything needed to write one image's outputs (sent to a worker process)."""
+
+    prepared: Prepared
+    maps: dict[int, np.ndarray]  # patch size -> (rows, cols) float64, NaN = padded
+    masks: dict[int, np.ndarray]  # patch size -> (rows, cols) bool, chosen patches
+    thresholds: tuple[float, ...]  # the thresholds actually used
+    device: str
+
+
+def image_stats(result: ImageResult, settings: Settings) -> dict:
     """The stats.json record of one image."""
-    height, width = analysis.resized_size
-    counts = patch_counts(analysis.masks)
+    p = result.prepared
+    height, width = p.resized.shape[:2]
+    counts = patch_counts(result.masks)
     grid_h, grid_w = height // settings.patch_size, width // settings.patch_size
     uniform = grid_h * grid_w
     apt = sum(counts.values())
     return {
-        "image": image_label,
-        "original_size": [analysis.original.width, analysis.original.height],
+        "image": p.job.label,
+        "kind": "image",
+        "original_size": list(p.original_size),
         "resized_size": [width, height],
         "patch_size": settings.patch_size,
         "merge_size": settings.merge_size,
         "temporal_patch_size": settings.temporal_patch_size,
-        "thresholds": list(settings.thresholds),
+        "thresholds": list(result.thresholds),
         "patch_sizes": list(settings.patch_sizes),
         "patches_per_scale": {str(ps): n for ps, n in counts.items()},
         "apt_patches": apt,
         "uniform_patches": uniform,
         "retained_ratio": apt / uniform,
         "qwen2vl_tokens": uniform // settings.merge_size**2,
-        "device": device.type,
-        "timings_ms": {k: round(v, 1) for k, v in analysis.timings_ms.items()},
+        "method": settings.method,
+        "target_ratio": settings.target_ratio,
+        "device": result.device,
+        "settings": {**settings.record(), "thresholds": list(result.thresholds)},
+        "timings_ms": {k: round(v, 1) for k, v in p.timings.items()},
     }
 
 
@@ -714,59 +1752,776 @@ def heatmap_name(patch_size: int) -> str:
     return f"importance_map_scale_{patch_size}.png"
 
 
-def output_names(settings: Settings) -> list[str]:
-    names = [heatmap_name(ps) for ps in settings.patch_sizes]
-    return names + ["patches_visualization.jpg", "original_image.jpg", "resized_image.jpg",
-                    "importance_maps.npz", "stats.json"]
+def overlay_name(patch_size: int) -> str:
+    return f"importance_overlay_scale_{patch_size}.png"
 
 
-def render_outputs(analysis: ImageAnalysis, settings: Settings) -> dict[str, bytes]:
-    """All per-image pictures and data, encoded, keyed by file name."""
-    counts = patch_counts(analysis.masks)
-    files: dict[str, bytes] = {}
-    for i, ps in enumerate(settings.patch_sizes):
-        threshold = settings.thresholds[i - 1] if i >= 1 else None
-        heatmap = render_heatmap(analysis.maps[ps], ps, analysis.resized_size, threshold, counts[ps])
-        files[heatmap_name(ps)] = encode_png(heatmap)
-    overlay = draw_patch_borders(analysis.resized, analysis.masks)
-    files["patches_visualization.jpg"] = encode_jpeg(Image.fromarray(overlay))
-    files["original_image.jpg"] = encode_jpeg(analysis.original)
-    files["resized_image.jpg"] = encode_jpeg(Image.fromarray(analysis.resized))
-    arrays = {f"scale_{ps}": m.astype(np.float32) for ps, m in analysis.maps.items()}
-    arrays.update({f"mask_{ps}": m for ps, m in analysis.masks.items()})
-    files["importance_maps.npz"] = encode_npz(arrays)
+def image_output_names(settings: Settings, options: RenderOptions) -> list[str]:
+    names = ["stats.json", "importance_maps.npz"]
+    if not options.stats_only:
+        names += [heatmap_name(ps) for ps in settings.patch_sizes] + [overlay_name(ps) for ps in settings.patch_sizes]
+        names += ["patches_visualization.jpg", "original_image.jpg", "resized_image.jpg", "explorer.html",
+                  "summary_panel.png"]
+    if options.sweep:
+        names += ["threshold_sweep.csv"] + ([] if options.stats_only else ["threshold_sweep.png"])
+    return names
+
+
+def maps_npz(maps: Mapping[int, np.ndarray], masks: Mapping[int, np.ndarray]) -> bytes:
+    arrays = {f"scale_{ps}": m.astype(np.float32) for ps, m in maps.items()}
+    arrays.update({f"mask_{ps}": m for ps, m in masks.items()})
+    return encode_npz(arrays)
+
+
+SWEEP_COLUMNS_FIXED = ("threshold", "apt_patches", "retained_ratio")
+
+
+def sweep_files(
+    maps_list: Sequence[Mapping[int, np.ndarray]], settings: Settings, current: tuple[Sequence[float], int] | None,
+    title: str, plot: bool,
+) -> dict[str, bytes]:
+    """threshold_sweep.csv (and .png): counts against one threshold shared by all scales."""
+    counts = SharedThresholdCounts.from_maps(maps_list)
+    thresholds = sweep_thresholds(counts)
+    per_scale = counts.counts(thresholds)
+    total = sum(per_scale.values())
+    table = {"threshold": thresholds, "apt_patches": total, "retained_ratio": total / counts.uniform}
+    table.update({f"patches_{ps}": per_scale[ps] for ps in counts.patch_sizes})
+    columns = ["threshold", *(f"patches_{ps}" for ps in counts.patch_sizes), "apt_patches", "retained_ratio"]
+    rows = [{c: (repr(float(table[c][k])) if c in ("threshold", "retained_ratio") else int(table[c][k]))
+             for c in columns} for k in range(len(thresholds))]
+    files = {"threshold_sweep.csv": encode_csv(rows, columns)}
+    if plot:
+        label = SCORERS[settings.method][1]
+        files["threshold_sweep.png"] = render_sweep_plot(table, counts.patch_sizes, counts.uniform, current, label, title)
     return files
 
 
-def run_image(path: Path, out_dir: Path, settings: Settings, device: torch.device, label: str | None = None) -> dict:
-    """One image from path to files in out_dir; returns its stats."""
-    label = label or str(path)
-    check_output_dir(out_dir)
-    refuse_overwriting_input(path, out_dir, output_names(settings))
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+def image_files(result: ImageResult, stats: Mapping, settings: Settings, options: RenderOptions) -> dict[str, bytes]:
+    """All per-image outputs, encoded, keyed by file name."""
+    p = result.prepared
+    files: dict[str, bytes] = {"importance_maps.npz": maps_npz(result.maps, result.masks)}
+    counts = patch_counts(result.masks)
+    if options.sweep:
+        current = (result.thresholds, sum(counts.values()))
+        files.update(sweep_files([result.maps], settings, current, f"Threshold sweep: {p.job.label}",
+                                 plot=not options.stats_only))
+    if options.stats_only:
+        return files
+    label = SCORERS[settings.method][1]
+    sizes = settings.patch_sizes
+    for i, ps in enumerate(sizes):
+        threshold = result.thresholds[i - 1] if i >= 1 else None
+        files[heatmap_name(ps)] = encode_png(render_heatmap(result.maps[ps], ps, p.resized.shape[:2], threshold,
+                                                            counts[ps], label))
+        files[overlay_name(ps)] = encode_png(render_importance_overlay(p.resized, result.maps[ps], ps, label),
+                                             compress_level=1)
+    colors = scale_palette(len(sizes)) if options.color_by_scale else None
+    overlay = draw_patch_borders(p.resized, result.masks, options.line_color, options.line_thickness, colors)
+    overlay_image = Image.fromarray(overlay)
+    if colors is not None:
+        overlay_image = add_scale_legend(overlay_image, counts, colors)
+    files["patches_visualization.jpg"] = encode_jpeg(overlay_image)
+    files["original_image.jpg"] = p.original_jpeg or b""
+    resized_jpeg = encode_jpeg(Image.fromarray(p.resized))
+    files["resized_image.jpg"] = resized_jpeg
+    files["explorer.html"] = explorer_html(
+        p.job.label, resized_jpeg, result.maps, result.thresholds, counts, stats["uniform_patches"],
+        stats["qwen2vl_tokens"], label, options,
+    ).encode()
+    lines = [
+        f"original {p.original_size[0]} x {p.original_size[1]} -> resized {p.resized.shape[1]} x {p.resized.shape[0]}",
+        f"method {settings.method}, thresholds {', '.join(f'{t:g}' for t in result.thresholds)}",
+        *(f"  {ps:>4} px patches: {n}" for ps, n in counts.items()),
+        f"APT patches: {stats['apt_patches']} of {stats['uniform_patches']} uniform",
+        f"retained ratio: {stats['retained_ratio']:.4f} ({stats['retained_ratio']:.1%})",
+        f"Qwen2-VL LLM tokens without APT: {stats['qwen2vl_tokens']}",
+    ]
+    if settings.target_ratio is not None:
+        lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
+    panel = render_summary_panel(f"APT: {p.job.label}", p.original_preview or overlay_image, p.original_size, overlay,
+                                 result.maps, lines, label)
+    files["summary_panel.png"] = encode_png(panel, compress_level=1)
+    return files
 
-    def lap(name: str) -> None:
-        nonlocal start
-        now = time.perf_counter()
-        timings[name] = (now - start) * 1000
-        start = now
 
-    original = load_image(path)
-    lap("load")
-    resized = resize_for_qwen2vl(original, settings, label)
-    lap("resize")
-    logger.info(f"{label}: {original.width}x{original.height} -> {resized.shape[1]}x{resized.shape[0]}")
-    maps, masks = analyse(resized, settings, device)
-    lap("importance")
-    analysis = ImageAnalysis(original, resized, maps, masks, timings)
-    files = render_outputs(analysis, settings)
-    lap("render")
-    timings["total"] = sum(timings.values())
-    stats = build_stats(label, analysis, settings, device)
+def finish_image(result: ImageResult, settings: Settings, options: RenderOptions) -> dict:
+    """Render and write one image's outputs (worker-safe: numpy, PIL, matplotlib only)."""
+    watch = Stopwatch()
+    stats = image_stats(result, settings)
+    files = image_files(result, stats, settings, options)
+    watch.lap("render")
+    stats["timings_ms"]["render"] = round(watch.ms["render"], 1)
+    stats["timings_ms"]["total"] = round(sum(v for k, v in stats["timings_ms"].items() if k != "total"), 1)
     files["stats.json"] = encode_json(stats)
-    write_files(out_dir, files)
+    write_files(result.prepared.job.out_dir, files)
     return stats
+
+
+def reusable_stats(job: Job, settings: Settings, options: RenderOptions,
+                   thresholds: Sequence[float]) -> dict | None:
+    """The stats of an earlier run of the same settings whose outputs are all there, else None."""
+    path = job.out_dir / "stats.json"
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    expected = {**settings.record(), "thresholds": list(thresholds)}
+    if not isinstance(stats, dict) or stats.get("settings") != expected:
+        return None
+    names = image_output_names(settings, options) if job.kind == "image" else video_output_names(settings, options)
+    if not all((job.out_dir / name).exists() for name in names):
+        return None
+    return stats
+
+
+def thresholds_for(settings: Settings, maps_list: Sequence[Mapping[int, np.ndarray]]) -> tuple[float, ...]:
+    """The run's thresholds: as given, or one shared value for --target-ratio."""
+    if settings.target_ratio is None:
+        return settings.thresholds
+    counts = SharedThresholdCounts.from_maps(maps_list)
+    threshold, _ = choose_shared_threshold(counts, settings.target_ratio)
+    return (threshold,) * (settings.num_scales - 1)
+
+
+def run_single_image(job: Job, settings: Settings, options: RenderOptions, device: torch.device,
+                     skip_existing: bool) -> dict:
+    """One image from path to files in job.out_dir; returns its stats."""
+    check_output_dir(job.out_dir)
+    refuse_overwriting_input(job.path, job.out_dir, image_output_names(settings, options))
+    if skip_existing and settings.target_ratio is None:
+        reused = reusable_stats(job, settings, options, settings.thresholds)
+        if reused is not None:
+            logger.info(f"{job.label}: outputs of the same settings exist, skipped (--skip-existing)")
+            return reused
+    prepared = prepare_image(job, settings, pictures=not options.stats_only)
+    logger.info(f"{job.label}: {prepared.original_size[0]}x{prepared.original_size[1]} -> "
+                f"{prepared.resized.shape[1]}x{prepared.resized.shape[0]}")
+    watch = Stopwatch()
+    maps = compute_maps([prepared.resized], settings, device)[0]
+    thresholds = thresholds_for(settings, [maps])
+    masks = compute_masks(maps, thresholds)
+    watch.lap("importance")
+    prepared.timings.update(watch.ms)
+    if skip_existing and settings.target_ratio is not None:
+        reused = reusable_stats(job, settings, options, thresholds)
+        if reused is not None:
+            logger.info(f"{job.label}: outputs of the same settings exist, skipped (--skip-existing)")
+            return reused
+    return finish_image(ImageResult(prepared, maps, masks, thresholds, device.type), settings, options)
+
+
+# --- batch -------------------------------------------------------------------
+
+
+def default_workers() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+
+
+class Executor:
+    """Runs tasks in forked worker processes, or inline when workers == 1.
+
+    Workers never touch torch: they decode, resize, render and write; the
+    parent scores the images.
+    """
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.pool = None
+        if workers > 1:
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=_worker_init)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        if self.pool is not None:
+            return self.pool.submit(fn, *args)
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - delivered to the caller like a pool would
+            future.set_exception(exc)
+        return future
+
+    def shutdown(self, cancel: bool = False) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def failure_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
+
+
+SUMMARY_BASE_COLUMNS = ("path", "kind", "status", "error", "output", "original_width", "original_height",
+                        "resized_width", "resized_height")
+SUMMARY_TAIL_COLUMNS = ("apt_patches", "uniform_patches", "retained_ratio", "qwen2vl_tokens", "frames_sampled",
+                        "temporal_patches", "thresholds")
+
+
+def summary_row(job: Job, out_root: Path, stats: Mapping | None, status: str, error: str = "",
+                pictures: bool = True) -> dict:
+    row = {"path": job.label, "kind": job.kind, "status": status, "error": error,
+           "output": job.out_dir.relative_to(out_root).as_posix() if job.out_dir != out_root else ".",
+           "pictures": pictures}
+    if stats is not None:
+        (ow, oh), (rw, rh) = stats["original_size"], stats["resized_size"]
+        row.update(original_width=ow, original_height=oh, resized_width=rw, resized_height=rh)
+        row.update({f"patches_{ps}": n for ps, n in stats["patches_per_scale"].items()})
+        row.update({k: stats[k] for k in ("apt_patches", "uniform_patches", "retained_ratio", "qwen2vl_tokens")})
+        row["frames_sampled"] = stats.get("frames_sampled", "")
+        row["temporal_patches"] = stats.get("temporal_patches", "")
+        row["thresholds"] = " ".join(repr(t) for t in stats["thresholds"])
+    return row
+
+
+def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings, thresholds: Sequence[float],
+              interrupted: bool, pending: int) -> dict:
+    """summary.json: counts, token totals and means, retained-ratio statistics, settings."""
+    done = [r for r in rows if r["status"] in ("ok", "reused")]
+    ratios = np.array([r["retained_ratio"] for r in done], dtype=float)
+    totals = {k: int(sum(r[k] for r in done)) for k in ("uniform_patches", "apt_patches", "qwen2vl_tokens")}
+    n = max(1, len(done))
+    ratio_stats = None
+    if done:
+        ratio_stats = {
+            "mean": float(ratios.mean()), "median": float(np.median(ratios)),
+            "p10": float(np.percentile(ratios, 10)), "p90": float(np.percentile(ratios, 90)),
+            "min": float(ratios.min()), "max": float(ratios.max()),
+            "overall": totals["apt_patches"] / max(1, totals["uniform_patches"]),
+        }
+    return {
+        "images": {
+            "found": len(rows) + pending, "ok": sum(r["status"] == "ok" for r in rows),
+            "reused": sum(r["status"] == "reused" for r in rows),
+            "failed": sum(r["status"] == "failed" for r in rows), "not_processed": pending,
+        },
+        "files_skipped": skipped,
+        "interrupted": interrupted,
+        "tokens": {
+            "vit_patches_uniform_total": totals["uniform_patches"],
+            "vit_patches_apt_total": totals["apt_patches"],
+            "vit_patches_uniform_mean": totals["uniform_patches"] / n,
+            "vit_patches_apt_mean": totals["apt_patches"] / n,
+            "qwen2vl_llm_tokens_total": totals["qwen2vl_tokens"],
+            "qwen2vl_llm_tokens_mean": totals["qwen2vl_tokens"] / n,
+            "saved_fraction": 1 - totals["apt_patches"] / max(1, totals["uniform_patches"]),
+        },
+        "retained_ratio": ratio_stats,
+        "thresholds": list(thresholds),
+        "target_ratio": settings.target_ratio,
+        "settings": {**settings.record(), "thresholds": list(thresholds)},
+        "failures": [{"path": r["path"], "error": r["error"]} for r in rows if r["status"] == "failed"],
+    }
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace path with data in one step (temp file + rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_summaries(out_root: Path, rows: Sequence[Mapping], summary: Mapping, settings: Settings,
+                    sweep: dict[str, bytes] | None) -> None:
+    sizes = settings.patch_sizes
+    columns = [*SUMMARY_BASE_COLUMNS, *(f"patches_{ps}" for ps in sizes), *SUMMARY_TAIL_COLUMNS]
+    thresholds_text = "thresholds " + ", ".join(f"{t:g}" for t in summary["thresholds"])
+    files = {
+        "summary.csv": encode_csv(rows, columns),
+        "summary.json": encode_json(summary),
+        "summary.png": render_batch_summary_plot(rows, thresholds_text),
+        "report.html": report_html(rows, summary, sizes).encode(),
+        **(sweep or {}),
+    }
+    out_root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_atomic(out_root / name, data)
+
+
+class Progress:
+    """A tqdm bar on stderr for batches, silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool, unit: str = "file"):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, device: torch.device,
+              workers: int, skip_existing: bool, show_progress: bool) -> int:
+    """Every job, then summaries; exit status 1 when any input failed."""
+    jobs = found.jobs
+    rows: dict[Job, dict] = {}
+    maps_of: dict[Job, list] = {}  # per job: maps of each image / temporal patch (for sweeps and targets)
+    progress = Progress(len(jobs) * (2 if settings.target_ratio is not None else 1), show_progress)
+    executor = Executor(workers if sum(j.kind == "image" for j in jobs) > 1 else 1)
+    interrupted = False
+    thresholds = settings.thresholds
+
+    def fail(job: Job, exc: BaseException) -> None:
+        rows[job] = summary_row(job, out_root, None, "failed", failure_text(exc))
+        logger.error(failure_text(exc) if isinstance(exc, ToolError) else f"{job.label}: {failure_text(exc)}")
+
+    try:
+        check_output_dir(out_root)
+        for job in jobs:
+            names = image_output_names if job.kind == "image" else video_output_names
+            refuse_overwriting_input(job.path, job.out_dir, names(settings, options))
+        if settings.target_ratio is not None:
+            # pass 1: every image's maps, so that one threshold serves the whole set
+            for job, outcome in _score_all(jobs, settings, device, executor, progress):
+                if isinstance(outcome, BaseException):
+                    fail(job, outcome)
+                else:
+                    maps_of[job] = outcome
+            if maps_of:
+                thresholds = thresholds_for(settings, [m for ms in maps_of.values() for m in ms])
+                logger.info(f"target ratio {settings.target_ratio:g}: shared threshold {thresholds[0]!r}")
+        todo = [j for j in jobs if j not in rows]
+        if skip_existing:
+            for job in todo:
+                stats = reusable_stats(job, settings, options, thresholds)
+                if stats is not None:
+                    rows[job] = summary_row(job, out_root, stats, "reused", pictures=not options.stats_only)
+                    progress.update()
+            todo = [j for j in todo if j not in rows]
+        for job, outcome in _process_all(todo, settings, options, device, executor, thresholds, maps_of, progress):
+            if isinstance(outcome, BaseException):
+                fail(job, outcome)
+            else:
+                rows[job] = summary_row(job, out_root, outcome, "ok", pictures=not options.stats_only)
+    except KeyboardInterrupt:
+        interrupted = True
+        logger.error("interrupted: writing the summary of the inputs done so far")
+    finally:
+        executor.shutdown(cancel=True)
+        progress.close()
+    ordered = [rows[j] for j in jobs if j in rows]
+    pending = len(jobs) - len(ordered)
+    sweep = None
+    if options.sweep:
+        maps_list = [m for j in jobs if j in rows and rows[j]["status"] != "failed"
+                     for m in (maps_of.get(j) or _stored_maps(j, settings))]
+        if maps_list:
+            sweep = sweep_files(maps_list, settings, None, f"Threshold sweep over {len(ordered)} inputs", plot=True)
+    summary = summarize(ordered, found.skipped, settings, thresholds, interrupted, pending)
+    write_summaries(out_root, ordered, summary, settings, sweep)
+    ok = summary["images"]["ok"] + summary["images"]["reused"]
+    logger.info(f"{ok} of {len(jobs)} inputs analysed, {summary['images']['failed']} failed, "
+                f"{found.skipped} other files skipped; summaries in {out_root}")
+    if interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE if summary["images"]["failed"] else EXIT_OK
+
+
+def _stored_maps(job: Job, settings: Settings) -> list[dict[int, np.ndarray]]:
+    """Maps of an input done by an earlier run (importance_maps.npz), as float64."""
+    try:
+        with np.load(job.out_dir / "importance_maps.npz") as data:
+            if job.kind == "video":
+                count = int(data["temporal_patches"])
+                return [{ps: data[f"scale_{ps}"][k].astype(np.float64) for ps in settings.patch_sizes}
+                        for k in range(count)]
+            return [{ps: data[f"scale_{ps}"].astype(np.float64) for ps in settings.patch_sizes}]
+    except (OSError, KeyError, ValueError):
+        return []
+
+
+def _ordered_prepare(jobs: Sequence[Job], settings: Settings, pictures: bool, executor: Executor,
+                     window: int) -> Iterator[tuple[Job, Prepared | BaseException]]:
+    """Prepared images in job order, at most `window` decoded ahead."""
+    queue: list[tuple[Job, Future]] = []
+    it = iter(jobs)
+    for job in it:
+        queue.append((job, executor.submit(prepare_image, job, settings, pictures)))
+        if len(queue) >= window:
+            break
+    while queue:
+        job, future = queue.pop(0)
+        nxt = next(it, None)
+        if nxt is not None:
+            queue.append((nxt, executor.submit(prepare_image, nxt, settings, pictures)))
+        try:
+            yield job, future.result()
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad input never stops the batch
+            yield job, exc
+
+
+def _score_all(jobs, settings, device, executor, progress) -> Iterator[tuple[Job, list | BaseException]]:
+    """Pass 1 of --target-ratio: maps of every input."""
+    images = [j for j in jobs if j.kind == "image"]
+    for job, prepared in _ordered_prepare(images, settings, False, executor, window=4 * executor.workers):
+        progress.update()
+        if isinstance(prepared, BaseException):
+            yield job, prepared
+        else:
+            yield job, compute_maps([prepared.resized], settings, device)
+    for job in (j for j in jobs if j.kind == "video"):
+        progress.update()
+        try:
+            yield job, video_tube_maps(job, settings, device)
+        except (ToolError, OSError, ValueError) as exc:
+            yield job, exc
+
+
+def _process_all(jobs, settings, options, device, executor, thresholds, maps_of, progress):
+    """Pass 2: decode in workers, score here (batched by size on CUDA), render and write in workers."""
+    images = [j for j in jobs if j.kind == "image"]
+    batch = CUDA_BATCH if device.type == "cuda" else 1
+    finishing: list[tuple[Job, Future]] = []
+
+    def drain(block: bool) -> Iterator[tuple[Job, dict | BaseException]]:
+        while finishing and (block or finishing[0][1].done()):
+            job, future = finishing.pop(0)
+            progress.update()
+            try:
+                yield job, future.result()
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one bad input never stops the batch
+                yield job, exc
+
+    pending: list[Prepared] = []
+
+    def score(ready: list[Prepared]) -> None:
+        start = time.perf_counter()
+        known = [maps_of.get(p.job) for p in ready]
+        missing = [p for p, m in zip(ready, known) if m is None]
+        computed = iter(compute_maps([p.resized for p in missing], settings, device) if missing else [])
+        all_maps = [m[0] if m is not None else next(computed) for m in known]
+        all_masks = [compute_masks(maps, thresholds) for maps in all_maps]
+        share = (time.perf_counter() - start) * 1000 / len(ready)  # the batch's time, shared out
+        for p, maps, masks in zip(ready, all_maps, all_masks):
+            p.timings["importance"] = share
+            maps_of.setdefault(p.job, [maps])
+            result = ImageResult(p, maps, masks, tuple(thresholds), device.type)
+            finishing.append((p.job, executor.submit(finish_image, result, settings, options)))
+
+    window = 2 * executor.workers + batch
+    for job, prepared in _ordered_prepare(images, settings, not options.stats_only, executor, window):
+        if isinstance(prepared, BaseException):
+            progress.update()
+            yield job, prepared
+            continue
+        pending.append(prepared)
+        if len(pending) >= batch:
+            score(pending)
+            pending = []
+        yield from drain(block=False)
+    if pending:
+        score(pending)
+    yield from drain(block=True)
+    for job in (j for j in jobs if j.kind == "video"):
+        try:
+            yield job, run_video(job, settings, options, device, thresholds, show_progress=False)
+        except (ToolError, OSError, ValueError) as exc:
+            yield job, exc
+        progress.update()
+
+
+# --- video -------------------------------------------------------------------
+
+GIF_MAX_WIDTH = 480
+VIDEO_CODEC = "mp4v"  # MPEG-4 Part 2: written by every OpenCV build; plays in VLC, mpv, QuickTime, Windows
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    total_frames: int
+    fps: float
+    width: int
+    height: int
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise ToolError("video input needs OpenCV: pip install opencv-python-headless") from None
+    return cv2
+
+
+def probe_video(path: Path) -> VideoInfo:
+    """Frame count, rate and size of a video file; ToolError when it cannot be read."""
+    check_input_file(path)
+    cv2 = _cv2()
+    capture = cv2.VideoCapture(str(path))
+    try:
+        if not capture.isOpened():
+            raise ToolError(f"{path}: cannot open video (unreadable or unsupported format)")
+        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        fps = float(capture.get(cv2.CAP_PROP_FPS))
+        width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if total <= 0 or width <= 0 or height <= 0:
+            raise ToolError(f"{path}: video has no frames")
+        if not (math.isfinite(fps) and fps > 0):
+            raise ToolError(f"{path}: video has no valid frame rate")
+        return VideoInfo(total, fps, width, height)
+    finally:
+        capture.release()
+
+
+def video_plan(info: VideoInfo, settings: Settings, label: str) -> tuple[list[int], tuple[int, int]]:
+    """(sampled frame indices, resized (H, W)) for a video."""
+    indices = sample_frame_indices(info.total_frames, info.fps, settings.fps, settings.temporal_patch_size,
+                                   settings.min_frames, settings.max_frames)
+    try:
+        size = smart_resize(info.height, info.width, settings.factor, settings.video_min_pixels,
+                            settings.video_max_pixels)
+    except ValueError as exc:
+        raise ToolError(f"{label}: {exc}") from None
+    return indices, size
+
+
+def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Stream the sampled frames as (H, W, 3) uint8 RGB at `size` (PIL bicubic), one at a time."""
+    cv2 = _cv2()
+    capture = cv2.VideoCapture(str(path))
+    wanted = iter(indices)
+    target = next(wanted, None)
+    position = 0
+    try:
+        while target is not None:
+            if not capture.grab():
+                raise ToolError(f"{path}: video ended at frame {position} before sampled frame {target} "
+                                "(truncated or corrupt)")
+            if position == target:
+                ok, frame = capture.retrieve()
+                if not ok or frame is None:
+                    raise ToolError(f"{path}: cannot decode frame {position} (truncated or corrupt)")
+                rgb = Image.fromarray(np.ascontiguousarray(frame[..., ::-1]))
+                yield np.array(rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC))
+                target = next(wanted, None)
+            position += 1
+    finally:
+        capture.release()
+
+
+def iter_tubes(frames: Iterable[np.ndarray], temporal_patch_size: int) -> Iterator[np.ndarray]:
+    """Group frames into (T, H, W, 3) temporal patches; a short last group repeats its last frame."""
+    group: list[np.ndarray] = []
+    for frame in frames:
+        group.append(frame)
+        if len(group) == temporal_patch_size:
+            yield np.stack(group)
+            group = []
+    if group:
+        group += [group[-1]] * (temporal_patch_size - len(group))
+        yield np.stack(group)
+
+
+def video_tube_maps(job: Job, settings: Settings, device: torch.device,
+                    progress: Progress | None = None) -> list[dict[int, np.ndarray]]:
+    """Importance maps of every temporal patch of a video, streaming its frames."""
+    info = probe_video(job.path)
+    indices, size = video_plan(info, settings, job.label)
+    maps = []
+    pending: list[np.ndarray] = []
+    batch = CUDA_BATCH if device.type == "cuda" else 1
+    for tube in iter_tubes(iter_sampled_frames(job.path, indices, size), settings.temporal_patch_size):
+        pending.append(tube)
+        if len(pending) >= batch:
+            maps += compute_maps(pending, settings, device)
+            pending = []
+        if progress is not None:
+            progress.update(settings.temporal_patch_size)
+    if pending:
+        maps += compute_maps(pending, settings, device)
+    return maps
+
+
+def video_output_names(settings: Settings, options: RenderOptions) -> list[str]:
+    names = ["stats.json", "importance_maps.npz"]
+    if not options.stats_only:
+        names += ["patches_visualization.mp4", "patches_visualization.gif"]
+        names += [f"importance_map_scale_{ps}.mp4" for ps in settings.patch_sizes]
+    if options.sweep:
+        names += ["threshold_sweep.csv"] + ([] if options.stats_only else ["threshold_sweep.png"])
+    return names
+
+
+class _VideoWriter:
+    """An mp4 file written frame by frame with OpenCV."""
+
+    def __init__(self, path: Path, fps: float, size_wh: tuple[int, int]):
+        cv2 = _cv2()
+        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*VIDEO_CODEC), fps, size_wh)
+        if not self.writer.isOpened():
+            raise ToolError(f"{path}: OpenCV cannot write {VIDEO_CODEC} video here")
+
+    def write(self, rgb: np.ndarray) -> None:
+        self.writer.write(np.ascontiguousarray(rgb[..., ::-1]))
+
+    def close(self) -> None:
+        self.writer.release()
+
+
+def _map_frame(values: np.ndarray, patch_size: int, size: tuple[int, int], vmin: float, vmax: float,
+               caption: str) -> np.ndarray:
+    """One animation frame: the cell colours at the frame's size with a colour key below."""
+    h, w = size
+    cells = np.repeat(np.repeat(colorize(values, vmin, vmax), patch_size, axis=0), patch_size, axis=1)[:h, :w]
+    frame = Image.new("RGB", (w, h + 28))
+    frame.paste(Image.fromarray(np.ascontiguousarray(cells)), (0, 0))
+    frame.paste(_gradient_strip(w, vmin, vmax, caption), (0, h))
+    return np.asarray(frame)
+
+
+def video_stats(job: Job, info: VideoInfo, indices: Sequence[int], size: tuple[int, int], settings: Settings,
+                thresholds: Sequence[float], tube_masks: Sequence[Mapping[int, np.ndarray]], device: str,
+                timings: Mapping[str, float]) -> dict:
+    """stats.json of a video: the image keys, counted over all temporal patches, plus per-tube counts."""
+    h, w = size
+    t = settings.temporal_patch_size
+    grid_t = len(tube_masks)
+    per_tube = []
+    totals = {ps: 0 for ps in settings.patch_sizes}
+    for k, masks in enumerate(tube_masks):
+        counts = patch_counts(masks)
+        for ps, n in counts.items():
+            totals[ps] += n
+        frames = list(indices[k * t:(k + 1) * t])
+        per_tube.append({"temporal_patch": k, "frames": frames, "patches_per_scale": {str(ps): n for ps, n in counts.items()},
+                         "apt_patches": sum(counts.values())})
+    uniform = grid_t * (h // settings.patch_size) * (w // settings.patch_size)
+    apt = sum(totals.values())
+    return {
+        "image": job.label,
+        "kind": "video",
+        "original_size": [info.width, info.height],
+        "resized_size": [w, h],
+        "patch_size": settings.patch_size,
+        "merge_size": settings.merge_size,
+        "temporal_patch_size": t,
+        "thresholds": list(thresholds),
+        "patch_sizes": list(settings.patch_sizes),
+        "patches_per_scale": {str(ps): n for ps, n in totals.items()},
+        "apt_patches": apt,
+        "uniform_patches": uniform,
+        "retained_ratio": apt / uniform,
+        "qwen2vl_tokens": uniform // settings.merge_size**2,
+        "frames_total": info.total_frames,
+        "video_fps": info.fps,
+        "frames_sampled": len(indices),
+        "frame_indices": list(indices),
+        "temporal_patches": grid_t,
+        "per_temporal_patch": per_tube,
+        "method": settings.method,
+        "target_ratio": settings.target_ratio,
+        "device": device,
+        "settings": {**settings.record(), "thresholds": list(thresholds)},
+        "timings_ms": {k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def run_video(job: Job, settings: Settings, options: RenderOptions, device: torch.device,
+              thresholds: Sequence[float] | None = None, show_progress: bool = True,
+              skip_existing: bool = False) -> dict:
+    """A video from path to files: pass 1 scores each temporal patch while streaming the
+    sampled frames; pass 2 streams them again to draw the patches. Memory stays bounded
+    by one temporal patch (plus the small GIF frames)."""
+    check_output_dir(job.out_dir)
+    refuse_overwriting_input(job.path, job.out_dir, video_output_names(settings, options))
+    watch = Stopwatch()
+    info = probe_video(job.path)
+    indices, size = video_plan(info, settings, job.label)
+    passes = 1 if options.stats_only else 2
+    progress = Progress(len(indices) * passes, show_progress, unit="frame")
+    try:
+        logger.info(f"{job.label}: {info.total_frames} frames at {info.fps:g} fps, {info.width}x{info.height}; "
+                    f"sampling {len(indices)} frames at {size[1]}x{size[0]}")
+        tube_maps = video_tube_maps(job, settings, device, progress)
+        watch.lap("importance")
+        if thresholds is None:
+            thresholds = thresholds_for(settings, tube_maps)
+        thresholds = tuple(thresholds)
+        if skip_existing:
+            reused = reusable_stats(job, settings, options, thresholds)
+            if reused is not None:
+                logger.info(f"{job.label}: outputs of the same settings exist, skipped (--skip-existing)")
+                return reused
+        tube_masks = [compute_masks(m, thresholds) for m in tube_maps]
+        files: dict[str, bytes] = {}
+        arrays = {f"scale_{ps}": np.stack([m[ps] for m in tube_maps]).astype(np.float32) for ps in settings.patch_sizes}
+        arrays.update({f"mask_{ps}": np.stack([m[ps] for m in tube_masks]) for ps in settings.patch_sizes})
+        arrays["temporal_patches"] = np.array(len(tube_maps))
+        files["importance_maps.npz"] = encode_npz(arrays)
+        if options.sweep:
+            apt = sum(sum(patch_counts(m).values()) for m in tube_masks)
+            files.update(sweep_files(tube_maps, settings, (thresholds, apt), f"Threshold sweep: {job.label}",
+                                     plot=not options.stats_only))
+        with staged_output(job.out_dir) as staging:
+            if not options.stats_only:
+                _write_video_pictures(job, staging, indices, size, settings, options, tube_maps, tube_masks, info,
+                                      progress)
+                watch.lap("render")
+            stats = video_stats(job, info, indices, size, settings, thresholds, tube_masks, device.type,
+                                {**watch.ms, "total": sum(watch.ms.values())})
+            files["stats.json"] = encode_json(stats)
+            for name, data in files.items():
+                (staging / name).write_bytes(data)
+        return stats
+    finally:
+        progress.close()
+
+
+def _write_video_pictures(job, staging, indices, size, settings, options, tube_maps, tube_masks, info,
+                          progress) -> None:
+    """patches_visualization.mp4 / .gif and one importance-map animation per scale."""
+    h, w = size
+    duration_s = info.total_frames / info.fps
+    out_fps = max(0.1, len(indices) / duration_s) if duration_s > 0 else settings.fps
+    t = settings.temporal_patch_size
+    colors = scale_palette(settings.num_scales) if options.color_by_scale else None
+    label = SCORERS[settings.method][1]
+    ranges = {ps: color_range(np.stack([m[ps] for m in tube_maps])) for ps in settings.patch_sizes}
+    overlay_writer = _VideoWriter(staging / "patches_visualization.mp4", out_fps, (w, h))
+    map_writers = {ps: _VideoWriter(staging / f"importance_map_scale_{ps}.mp4", out_fps, (w, h + 28))
+                   for ps in settings.patch_sizes}
+    gif_frames: list[Image.Image] = []
+    gif_scale = min(1.0, GIF_MAX_WIDTH / w)
+    try:
+        for k, frame in enumerate(iter_sampled_frames(job.path, indices, size)):
+            tube = k // t
+            overlay = draw_patch_borders(frame, tube_masks[tube], options.line_color, options.line_thickness, colors)
+            overlay_writer.write(overlay)
+            gif = Image.fromarray(overlay)
+            if gif_scale < 1.0:
+                gif = gif.resize((round(w * gif_scale), round(h * gif_scale)), Image.Resampling.BILINEAR)
+            gif_frames.append(gif.quantize(colors=255, method=Image.Quantize.MEDIANCUT))
+            for ps, writer in map_writers.items():
+                writer.write(_map_frame(tube_maps[tube][ps], ps, size, *ranges[ps], f"{ps} px {label}"))
+            progress.update()
+    finally:
+        overlay_writer.close()
+        for writer in map_writers.values():
+            writer.close()
+    gif_frames[0].save(staging / "patches_visualization.gif", save_all=True, append_images=gif_frames[1:],
+                       duration=round(1000 / out_fps), loop=0)
 
 
 # ---------------------------------------------------------------------------
@@ -801,6 +2556,30 @@ def finite_float(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def ratio(text: str) -> float:
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1], got {text!r}")
+    return value
+
+
+def color_level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..255, got {text!r}") from None
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"expected an integer 0..255, got {text!r}")
+    return value
+
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
@@ -808,40 +2587,97 @@ def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     parser = OneLineParser(
         prog="visualize_patches.py",
-        description="Visualise APT (Adaptive Patch Tokenization) patch importance for Qwen2-VL: "
-        "multi-scale entropy heatmaps, the chosen patches, raw maps and token counts.",
+        description="Visualise APT (Adaptive Patch Tokenization) for Qwen2-VL: multi-scale importance heatmaps, "
+        "the chosen patches, an interactive threshold explorer, raw maps and token counts, for images, "
+        "folders of images and videos.",
+        epilog="Flags that default to the Qwen2-VL processor's values can also come from --processor; "
+        "explicit flags win.",
     )
-    parser.add_argument("image", nargs="?", metavar="IMAGE", type=Path,
-                        help="Image file to analyse. Without it, the tool runs on matplotlib's sample "
-                        f"photo {SAMPLE_IMAGE}.")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="Image or video files, folders (searched recursively) or glob patterns. A single "
+                        "file writes its outputs straight into the output directory; anything else writes one "
+                        f"folder per input plus summaries. Without INPUT, matplotlib's sample photo {SAMPLE_IMAGE}.")
     parser.add_argument("-o", "--output", type=Path, default=Path(DEFAULT_OUTPUT_DIR), metavar="DIR",
                         help="Directory for the outputs; created if missing (default: %(default)s).")
+
     model = parser.add_argument_group("model geometry (Qwen2-VL image processor)")
-    model.add_argument("--patch-size", type=positive_int, default=d.patch_size, metavar="PX",
-                       help="Base ViT patch side in pixels; scales are PX * 2**i (default: %(default)s).")
-    model.add_argument("--temporal-patch-size", type=positive_int, default=d.temporal_patch_size, metavar="N",
-                       help="Frames per temporal patch; recorded for images (default: %(default)s).")
-    model.add_argument("--merge-size", type=positive_int, default=d.merge_size, metavar="N",
-                       help="Patches merged per side into one LLM token; resized sides are multiples "
-                       "of patch size * merge size (default: %(default)s).")
-    model.add_argument("--min-pixels", type=positive_int, default=d.min_pixels, metavar="N",
-                       help="smart_resize lower bound on resized height*width (default: %(default)s).")
-    model.add_argument("--max-pixels", type=positive_int, default=d.max_pixels, metavar="N",
-                       help="smart_resize upper bound on resized height*width (default: %(default)s).")
-    apt = parser.add_argument_group("APT")
-    apt.add_argument("--thresholds", type=finite_float, nargs="+", default=list(d.thresholds), metavar="BITS",
-                     help="Entropy thresholds in bits, one per scale above the base; the i-th applies to "
-                     "patches of PX * 2**i. A patch merges where its entropy is below its threshold: "
-                     "higher thresholds give more large patches and fewer tokens. Number of scales = "
-                     "number of thresholds + 1 (default: %(default)s).")
+    model.add_argument("--patch-size", type=positive_int, metavar="PX",
+                       help=f"Base ViT patch side in pixels; scales are PX * 2**i (default: {d.patch_size}).")
+    model.add_argument("--temporal-patch-size", type=positive_int, metavar="N",
+                       help=f"Frames per temporal patch of a video; recorded for images "
+                       f"(default: {d.temporal_patch_size}).")
+    model.add_argument("--merge-size", type=positive_int, metavar="N",
+                       help="Patches merged per side into one LLM token; resized sides are multiples of "
+                       f"patch size * merge size (default: {d.merge_size}).")
+    model.add_argument("--min-pixels", type=positive_int, metavar="N",
+                       help=f"smart_resize lower bound on an image's resized height*width (default: {d.min_pixels}).")
+    model.add_argument("--max-pixels", type=positive_int, metavar="N",
+                       help=f"smart_resize upper bound on an image's resized height*width (default: {d.max_pixels}).")
+    model.add_argument("--processor", type=Path, metavar="PATH",
+                       help="A Qwen2-VL-family preprocessor_config.json, or a model folder holding one: patch, "
+                       "merge and temporal sizes, min/max pixels, mean and std are read from it (needs transformers).")
+
+    apt = parser.add_argument_group("APT thresholds and scoring")
+    apt.add_argument("--thresholds", type=finite_float, nargs="+", metavar="T",
+                     help="One threshold per scale above the base; the i-th applies to patches of PX * 2**i. A patch "
+                     "merges where its score is below its threshold: higher thresholds give more large patches and "
+                     "fewer tokens. Number of scales = number of thresholds + 1 "
+                     f"(default: {' '.join(f'{t:g}' for t in d.thresholds)}, in entropy bits).")
+    apt.add_argument("--target-ratio", type=ratio, metavar="R",
+                     help="Instead of the thresholds' values: choose one threshold shared by all scales that brings "
+                     "APT patches / uniform patches closest to R (0 < R <= 1; ties: more patches), by exact search. "
+                     "For several inputs, one threshold for the whole set's total.")
+    apt.add_argument("--method", choices=tuple(SCORERS), default=d.method,
+                     help="Patch score: 'entropy' of the grayscale histogram (bits), 'laplacian' (|8-neighbour "
+                     "Laplacian| of [0,1] gray), or 'upsample_mse' (error of a bilinear down-up resampling) "
+                     "(default: %(default)s).")
+    apt.add_argument("--aggregate", choices=AGGREGATES,
+                     help=f"Per-patch reduction for --method laplacian (default: {d.aggregate}).")
+    apt.add_argument("--sweep", action="store_true",
+                     help="Also write threshold_sweep.csv and .png: patches against one shared threshold.")
+
+    draw = parser.add_argument_group("drawing")
+    draw.add_argument("--color-by-scale", action="store_true",
+                      help="Colour patch borders by scale, with a legend, instead of one colour.")
+    draw.add_argument("--line-color", type=color_level, nargs=3, metavar=("R", "G", "B"),
+                      default=list(BORDER_GREEN), help="Border colour (default: %(default)s).")
+    draw.add_argument("--line-thickness", type=positive_int, default=BORDER_THICKNESS, metavar="PX",
+                      help="Border width in pixels (default: %(default)s).")
+
+    batch = parser.add_argument_group("several inputs")
+    batch.add_argument("--workers", type=positive_int, default=default_workers(), metavar="N",
+                       help="Worker processes that decode, resize, render and write (default: the CPU cores, "
+                       f"at most {MAX_DEFAULT_WORKERS}: %(default)s).")
+    batch.add_argument("--skip-existing", action="store_true",
+                       help="Reuse inputs whose outputs of the same settings already exist (resume a run).")
+    batch.add_argument("--stats-only", action="store_true",
+                       help="Numbers only: stats.json and importance_maps.npz per input, no pictures.")
+
+    video = parser.add_argument_group("video (Qwen2-VL video processor)")
+    video.add_argument("--fps", type=positive_float, metavar="F",
+                       help=f"Frames sampled per second of video (default: {d.fps:g}).")
+    video.add_argument("--min-frames", type=positive_int, metavar="N",
+                       help=f"Fewest frames to sample (default: {d.min_frames}).")
+    video.add_argument("--max-frames", type=positive_int, metavar="N",
+                       help=f"Most frames to sample (default: {d.max_frames}).")
+    video.add_argument("--video-min-pixels", type=positive_int, metavar="N",
+                       help=f"smart_resize lower bound per video frame (default: {d.video_min_pixels}).")
+    video.add_argument("--video-max-pixels", type=positive_int, metavar="N",
+                       help=f"smart_resize upper bound per video frame (default: {d.video_max_pixels}).")
+
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
-                     help="Where to compute: 'auto' picks CUDA when available (default: %(default)s).")
+                     help="Where to score: 'auto' picks CUDA when available (default: %(default)s).")
     verbosity = run.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="Print errors only.")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="Print debug messages too.")
     run.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
+
+
+SETTINGS_FLAGS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "method",
+                  "aggregate", "target_ratio", "fps", "min_frames", "max_frames", "video_min_pixels",
+                  "video_max_pixels")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -850,41 +2686,83 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, torch.device]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, RenderOptions, torch.device]:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.min_pixels > args.max_pixels:
-        parser.error(f"--min-pixels ({args.min_pixels}) exceeds --max-pixels ({args.max_pixels})")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
-    settings = Settings(
-        patch_size=args.patch_size, temporal_patch_size=args.temporal_patch_size, merge_size=args.merge_size,
-        thresholds=tuple(args.thresholds), min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+    if args.method != "entropy" and args.thresholds is None and args.target_ratio is None:
+        parser.error(f"--method {args.method} needs --thresholds or --target-ratio "
+                     "(the default thresholds are entropy bits)")
+    if args.aggregate is not None and args.method != "laplacian":
+        parser.error("--aggregate applies to --method laplacian only")
+    base = Settings()
+    if args.processor is not None:
+        try:
+            base = replace(base, **load_processor_settings(args.processor))
+        except ToolError as exc:
+            parser.error(f"--processor: {exc}")
+    overrides = {k: getattr(args, k) for k in SETTINGS_FLAGS if getattr(args, k) is not None}
+    if args.thresholds is not None:
+        overrides["thresholds"] = tuple(args.thresholds)
+    settings = replace(base, **overrides)
+    for low, high in (("min_pixels", "max_pixels"), ("video_min_pixels", "video_max_pixels"),
+                      ("min_frames", "max_frames")):
+        if getattr(settings, low) > getattr(settings, high):
+            parser.error(f"--{low.replace('_', '-')} ({getattr(settings, low)}) exceeds "
+                         f"--{high.replace('_', '-')} ({getattr(settings, high)})")
+    options = RenderOptions(
+        line_color=tuple(args.line_color), line_thickness=args.line_thickness, color_by_scale=args.color_by_scale,
+        stats_only=args.stats_only, sweep=args.sweep,
     )
-    return args, settings, resolve_device(args.device)
+    return args, settings, options, resolve_device(args.device)
+
+
+def _log_sink(message: str) -> None:
+    """Write log lines above a running progress bar, if any."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        tqdm_module.tqdm.write(message, end="", file=sys.stderr)
+    else:
+        sys.stderr.write(message)
 
 
 def configure_logging(quiet: bool, verbose: bool) -> None:
     logger.remove()
     level = "ERROR" if quiet else ("DEBUG" if verbose else "INFO")
-    logger.add(sys.stderr, level=level, format="<level>{level: <7}</level> {message}", colorize=None)
+    logger.add(_log_sink, level=level, format="<level>{level: <7}</level> {message}",
+               colorize=sys.stderr.isatty())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, settings, device = parse_args(argv)
+    gc.freeze()  # the imported modules live for the whole run: keep the collector from rescanning them
+    args, settings, options, device = parse_args(argv)
     configure_logging(args.quiet, args.verbose)
+    logger.debug(f"device {device.type}; {settings}")
     try:
-        path = args.image if args.image is not None else sample_image_path()
-        if args.image is None:
-            logger.info(f"no image given: using matplotlib's sample photo {path}")
-        logger.debug(f"device {device.type}, patch sizes {list(settings.patch_sizes)}, "
-                     f"thresholds {list(settings.thresholds)}")
-        stats = run_image(path, args.output, settings, device)
-        counts = ", ".join(f"{n} x {ps}px" for ps, n in stats["patches_per_scale"].items())
-        logger.info(f"APT patches {stats['apt_patches']} of {stats['uniform_patches']} uniform "
-                    f"({stats['retained_ratio']:.1%} retained): {counts}")
-        logger.info(f"wrote {len(output_names(settings))} files to {args.output}")
-        return EXIT_OK
+        inputs = [str(p) for p in args.inputs]
+        if not inputs:
+            inputs = [str(sample_image_path())]
+            logger.info(f"no input given: using matplotlib's sample photo {inputs[0]}")
+        found = discover(inputs, args.output)
+        if found.flat:
+            job = found.jobs[0]
+            if job.kind == "video":
+                stats = run_video(job, settings, options, device, show_progress=not args.quiet,
+                                  skip_existing=args.skip_existing)
+            else:
+                stats = run_single_image(job, settings, options, device, args.skip_existing)
+            counts = ", ".join(f"{n} x {ps}px" for ps, n in stats["patches_per_scale"].items())
+            chosen = f" (threshold {stats['thresholds'][0]!r} for target ratio {settings.target_ratio:g})" \
+                if settings.target_ratio is not None else ""
+            logger.info(f"APT patches {stats['apt_patches']} of {stats['uniform_patches']} uniform "
+                        f"({stats['retained_ratio']:.1%} retained){chosen}: {counts}")
+            logger.info(f"wrote outputs to {args.output} (device {device.type})")
+            return EXIT_OK
+        logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped; "
+                    f"{args.workers} workers, device {device.type}")
+        return run_batch(found, args.output, settings, options, device, args.workers, args.skip_existing,
+                         show_progress=not args.quiet and len(found.jobs) > 1)
     except ToolError as exc:
         logger.error(str(exc))
         return EXIT_FAILURE

@@ -97,7 +97,7 @@ def test_heatmap_color_range_ignores_padded_cells():
     inferno = matplotlib.colormaps["inferno"]
     lo = np.array(inferno(0.0)[:3]) * 255
     hi = np.array(inferno(1.0)[:3]) * 255
-    pad = np.array(matplotlib.colors.to_rgb(vp.PADDED_CELL_COLOR)) * 255
+    pad = np.array(vp.PADDED_CELL_RGB)
     assert np.abs(colors[0, 0] - lo).max() <= 3  # the minimum finite value is the darkest colour
     assert np.abs(colors[0, 2] - hi).max() <= 3  # the maximum finite value is the brightest
     for r, c in [(0, 3), (1, 3), (2, 0), (2, 2)]:
@@ -113,8 +113,8 @@ def test_heatmap_files_have_square_cells(pearl_run):
         x0, y0, x1, y1 = vp.heatmap_map_box(rows, cols)
         assert (x1 - x0) / cols == pytest.approx((y1 - y0) / rows, rel=1e-9)
         with Image.open(out / f"importance_map_scale_{s}.png") as im:
-            fig_w, fig_h = vp.heatmap_layout(rows, cols)[:2]
-            assert im.size == (round(fig_w * vp.HEATMAP_DPI), round(fig_h * vp.HEATMAP_DPI))
+            geometry = vp.heatmap_geometry(rows, cols)
+            assert im.size == (geometry.width, geometry.height)
             colors = heatmap_cell_colors(im, rows, cols)
         data = np.load(out / "importance_maps.npz")[f"scale_{s}"]
         finite = np.isfinite(data)
