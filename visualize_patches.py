@@ -118,7 +118,7 @@ PADDED_CELL_RGB = (159, 184, 207)  # pale steel blue: absent from inferno, so pa
 THRESHOLD_RGB = (0, 229, 255)
 OVERLAY_ALPHA = 0.55
 JPEG_QUALITY = 95
-THUMBNAIL_WIDTH = 220
+THUMBNAIL_WIDTH = 240
 # matplotlib's 'inferno' colormap (Nathaniel J. Smith and Stefan van der Walt,
 # CC0; matplotlib/_cm_listed.py) sampled at 256 levels as RGB hex; kept here so
 # that rendering needs no matplotlib import, and tested equal to matplotlib's.
@@ -1158,10 +1158,9 @@ def explorer_html(
     """A self-contained page: the image, patch borders, one slider per threshold and live counts
     recomputed in the page with the same rule as select_patches."""
     sizes = sorted(maps)
-    finite = [m[np.isfinite(m)] for ps, m in maps.items() if ps != sizes[0]]
-    values = np.concatenate(finite) if finite else np.empty(0)
-    lo = min([0.0, *thresholds, *(values.min(keepdims=True) if values.size else [])])
-    hi = max([*thresholds, *(values.max(keepdims=True) if values.size else [1.0])])
+    values = np.concatenate([maps[ps][np.isfinite(maps[ps])] for ps in sizes[1:]] + [np.empty(0)])
+    lo = float(min(0.0, *thresholds, values.min(initial=0.0)))
+    hi = float(max([*thresholds, values.max(initial=1.0)]))
     hi += max(hi - lo, 1e-9) * 0.01  # so that every cell can merge
     height, width = maps[sizes[0]].shape[0] * sizes[0], maps[sizes[0]].shape[1] * sizes[0]
     data = {
@@ -1176,7 +1175,7 @@ def explorer_html(
     esc = html.escape
     sliders = "\n".join(
         f'<div class="slider"><label for="threshold-{k}">threshold for {ps} px patches</label>'
-        f'<input type="range" id="threshold-{k}" min="{lo!r}" max="{hi!r}" step="any" value="{t!r}">'
+        f'<input type="range" id="threshold-{k}" min="{lo!r}" max="{hi!r}" step="any" value="{float(t)!r}">'
         f'<output id="threshold-value-{k}">{t:g}</output></div>'
         for k, (ps, t) in enumerate(zip(sizes[1:], thresholds))
     )
@@ -1258,14 +1257,14 @@ def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence
     body = []
     for r in ok:
         folder = Path(r["output"]).as_posix()
-        thumb = f"{folder}/patches_visualization.jpg"
+        thumb = f"{folder}/patches_thumbnail.jpg"
         has_picture = r.get("pictures", True)
         link = f"{folder}/explorer.html" if has_picture else f"{folder}/stats.json"
         picture = (f'<a href="{esc(link)}"><img src="{esc(thumb)}" alt="patches of {esc(r["path"])}" '
                    f'width="{THUMBNAIL_WIDTH}"></a>') if has_picture else '<span class="note">stats only</span>'
         cells = [
             f'<td data-value="{esc(r["path"])}">{picture}<br><a href="{esc(link)}">{esc(r["path"])}</a></td>',
-            f'<td data-value="{r["retained_ratio"]!r}">{r["retained_ratio"]:.4f}</td>',
+            f'<td data-value="{float(r["retained_ratio"])!r}">{r["retained_ratio"]:.4f}</td>',
             f'<td data-value="{r["apt_patches"]}">{r["apt_patches"]}</td>',
             f'<td data-value="{r["uniform_patches"]}">{r["uniform_patches"]}</td>',
             f'<td data-value="{r["qwen2vl_tokens"]}">{r["qwen2vl_tokens"]}</td>',
@@ -1277,7 +1276,8 @@ def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence
     heads = ["image", "retained ratio", "APT patches", "uniform patches", "Qwen2-VL tokens (no APT)",
              *(f"{ps} px" for ps in patch_sizes), "size"]
     types = ["text"] + ["number"] * (len(heads) - 1)
-    head = "".join(f'<th data-type="{t}">{esc(h)}</th>' for h, t in zip(heads, types))
+    head = "".join(f'<th data-type="{t}"{" data-order=asc" if k == 1 else ""}>{esc(h)}</th>'
+                   for k, (h, t) in enumerate(zip(heads, types)))  # rows start sorted by ratio
     failures = "".join(f'<li><code>{esc(r["path"])}</code>: {esc(r["error"])}</li>' for r in failed)
     ratio = summary["retained_ratio"]
     stats_line = (
@@ -1760,8 +1760,8 @@ def image_output_names(settings: Settings, options: RenderOptions) -> list[str]:
     names = ["stats.json", "importance_maps.npz"]
     if not options.stats_only:
         names += [heatmap_name(ps) for ps in settings.patch_sizes] + [overlay_name(ps) for ps in settings.patch_sizes]
-        names += ["patches_visualization.jpg", "original_image.jpg", "resized_image.jpg", "explorer.html",
-                  "summary_panel.png"]
+        names += ["patches_visualization.jpg", "patches_thumbnail.jpg", "original_image.jpg", "resized_image.jpg",
+                  "explorer.html", "summary_panel.png"]
     if options.sweep:
         names += ["threshold_sweep.csv"] + ([] if options.stats_only else ["threshold_sweep.png"])
     return names
@@ -1822,6 +1822,7 @@ def image_files(result: ImageResult, stats: Mapping, settings: Settings, options
     if colors is not None:
         overlay_image = add_scale_legend(overlay_image, counts, colors)
     files["patches_visualization.jpg"] = encode_jpeg(overlay_image)
+    files["patches_thumbnail.jpg"] = encode_jpeg(_fit(overlay_image, THUMBNAIL_WIDTH, 4 * THUMBNAIL_WIDTH))
     files["original_image.jpg"] = p.original_jpeg or b""
     resized_jpeg = encode_jpeg(Image.fromarray(p.resized))
     files["resized_image.jpg"] = resized_jpeg

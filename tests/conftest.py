@@ -62,3 +62,16 @@ def write_image(tmp_path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's package), started by the tests; skipped where none is installed."""
+    from browser import Chromium, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no Chromium installed (tests/run.sh installs Debian's chromium when run as root)")
+    chromium = Chromium(executable)
+    yield chromium
+    chromium.close()

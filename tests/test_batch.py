@@ -1,0 +1,235 @@
+"""Batch mode: discovery, layout, failures and exit status, resume, stats-only, workers, summaries."""
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import visualize_patches as vp
+from conftest import PEARL, TOOL, files_under, run_cli, sample_photo
+
+
+def small_photo(path, size, seed, source=PEARL):
+    """A real-photo crop of the given (w, h), saved to path."""
+    rng = np.random.default_rng(seed)
+    with Image.open(source) as im:
+        im = im.convert("RGB")
+        w, h = size
+        x = int(rng.integers(0, im.width - w + 1))
+        y = int(rng.integers(0, im.height - h + 1))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        im.crop((x, y, x + w, y + h)).save(path)
+    return path
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """in/a/x.jpg, in/b/x.jpg, in/a/x.png (same name, different folders and formats), a nested
+    folder, a file without extension that is a JPEG, a corrupt .jpg and a text file."""
+    root = tmp_path / "in"
+    small_photo(root / "a" / "x.jpg", (300, 260), 1)
+    small_photo(root / "b" / "x.jpg", (260, 300), 2)
+    small_photo(root / "a" / "x.png", (200, 200), 3)
+    small_photo(root / "a" / "deep" / "deeper" / "y.webp", (180, 240), 4)
+    shutil.copy(sample_photo(), root / "b" / "photo_without_extension")
+    (root / "b" / "broken.jpg").write_bytes(PEARL.read_bytes()[:2000])
+    (root / "a" / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_recursion_layout_and_collisions(dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(dataset, "-o", out, "-q", "--workers", "2")
+    assert proc.returncode == 1  # broken.jpg failed
+    rows = {r["path"]: r for r in read_csv(out / "summary.csv")}
+    assert set(rows) == {"a/x.jpg", "b/x.jpg", "a/x.png", "a/deep/deeper/y.webp", "b/photo_without_extension",
+                         "b/broken.jpg"}
+    for name in ("a/x.jpg", "b/x.jpg", "a/x.png", "a/deep/deeper/y.webp", "b/photo_without_extension"):
+        folder = out / name
+        assert (folder / "stats.json").exists() and (folder / "patches_visualization.jpg").exists(), name
+        stats = json.loads((folder / "stats.json").read_text())
+        assert stats["image"] == name and rows[name]["status"] == "ok"
+    sizes = {n: json.loads((out / n / "stats.json").read_text())["original_size"] for n in ("a/x.jpg", "b/x.jpg")}
+    assert sizes == {"a/x.jpg": [300, 260], "b/x.jpg": [260, 300]}  # no collision
+    assert rows["b/broken.jpg"]["status"] == "failed" and "cannot decode" in rows["b/broken.jpg"]["error"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == {"found": 6, "ok": 5, "reused": 0, "failed": 1, "not_processed": 0}
+    assert summary["files_skipped"] == 1  # notes.txt
+    assert not list(out.rglob(".staging-*")) and not list(out.glob(".summary*"))
+
+
+def test_glob_patterns(dataset, tmp_path):
+    out = tmp_path / "out"
+    proc = run_cli(str(dataset / "**" / "*.jpg"), "-o", out, "-q")
+    assert proc.returncode == 1  # broken.jpg matches too
+    rows = read_csv(out / "summary.csv")
+    assert sorted(r["path"] for r in rows) == ["a/x.jpg", "b/broken.jpg", "b/x.jpg"]
+    proc = run_cli(str(dataset / "a" / "*.png"), str(dataset / "b" / "x.jpg"), "-o", tmp_path / "o2", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["path"] for r in read_csv(tmp_path / "o2" / "summary.csv")) == ["a/x.png", "b/x.jpg"]
+    proc = run_cli(str(dataset / "*.nothing"), "-o", tmp_path / "o3")
+    assert proc.returncode == 1 and "no files match" in proc.stderr
+
+
+def test_exit_status_all_good_is_zero(tmp_path):
+    root = tmp_path / "good"
+    for k in range(3):
+        small_photo(root / f"{k}.jpg", (120 + 20 * k, 140), k)
+    proc = run_cli(root, "-o", tmp_path / "out", "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+
+
+def test_folder_without_images_is_an_error(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    proc = run_cli(tmp_path / "docs", "-o", tmp_path / "out")
+    assert proc.returncode == 1 and "no images" in proc.stderr and "1 other files skipped" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_summary_matches_per_image_stats(dataset, tmp_path):
+    out = tmp_path / "out"
+    run_cli(dataset, "-o", out, "-q")
+    rows = [r for r in read_csv(out / "summary.csv") if r["status"] == "ok"]
+    summary = json.loads((out / "summary.json").read_text())
+    ratios, uniform, apt, tokens = [], 0, 0, 0
+    for row in rows:
+        stats = json.loads((out / row["output"] / "stats.json").read_text())
+        assert int(row["apt_patches"]) == stats["apt_patches"]
+        assert int(row["uniform_patches"]) == stats["uniform_patches"]
+        assert float(row["retained_ratio"]) == stats["retained_ratio"]
+        assert int(row["qwen2vl_tokens"]) == stats["qwen2vl_tokens"]
+        for ps, n in stats["patches_per_scale"].items():
+            assert int(row[f"patches_{ps}"]) == n
+        assert [int(row["original_width"]), int(row["original_height"])] == stats["original_size"]
+        ratios.append(stats["retained_ratio"])
+        uniform += stats["uniform_patches"]
+        apt += stats["apt_patches"]
+        tokens += stats["qwen2vl_tokens"]
+    t = summary["tokens"]
+    assert (t["vit_patches_uniform_total"], t["vit_patches_apt_total"], t["qwen2vl_llm_tokens_total"]) == (
+        uniform, apt, tokens)
+    assert t["vit_patches_apt_mean"] == pytest.approx(apt / len(rows))
+    r = summary["retained_ratio"]
+    assert r["mean"] == pytest.approx(np.mean(ratios)) and r["median"] == pytest.approx(np.median(ratios))
+    assert r["p10"] == pytest.approx(np.percentile(ratios, 10)) and r["p90"] == pytest.approx(np.percentile(ratios, 90))
+    assert r["overall"] == pytest.approx(apt / uniform)
+    assert summary["thresholds"] == [3.0, 2.0] and summary["settings"]["method"] == "entropy"
+    assert [f["path"] for f in summary["failures"]] == ["b/broken.jpg"]
+    with Image.open(out / "summary.png") as im:
+        assert im.width >= 800 and im.height >= 400
+
+
+def test_stats_only_writes_numbers_not_pictures(dataset, tmp_path):
+    full, fast = tmp_path / "full", tmp_path / "fast"
+    run_cli(dataset, "-o", full, "-q")
+    run_cli(dataset, "-o", fast, "-q", "--stats-only")
+    for folder in (fast / "a" / "x.jpg", fast / "b" / "photo_without_extension"):
+        assert sorted(p.name for p in folder.iterdir()) == ["importance_maps.npz", "stats.json"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "output"} for r in rows]  # noqa: E731
+    assert strip(read_csv(full / "summary.csv")) == strip(read_csv(fast / "summary.csv"))
+    assert (fast / "summary.json").exists() and (fast / "report.html").exists()
+
+
+def test_workers_do_not_change_results(dataset, tmp_path):
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    run_cli(dataset, "-o", one, "-q", "--workers", "1", "--stats-only")
+    run_cli(dataset, "-o", two, "-q", "--workers", "2", "--stats-only")
+    assert read_csv(one / "summary.csv") == read_csv(two / "summary.csv")
+    for npz in (one).rglob("importance_maps.npz"):
+        a, b = np.load(npz), np.load(two / npz.relative_to(one))
+        for key in a.files:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_skip_existing_resumes(dataset, tmp_path):
+    out = tmp_path / "out"
+    run_cli(dataset / "a", "-o", out / "a", "-q")  # an earlier, partial run over part of the set
+    before = {p: p.stat().st_mtime_ns for p in (out / "a").rglob("stats.json")}
+    proc = run_cli(dataset, "-o", out, "-q", "--skip-existing")
+    assert proc.returncode == 1  # broken.jpg still fails
+    rows = {r["path"]: r["status"] for r in read_csv(out / "summary.csv")}
+    assert rows["a/x.jpg"] == rows["a/x.png"] == rows["a/deep/deeper/y.webp"] == "reused"
+    assert rows["b/x.jpg"] == "ok" and rows["b/broken.jpg"] == "failed"
+    assert {p: p.stat().st_mtime_ns for p in (out / "a").rglob("stats.json")} == before
+    # other settings are not reused
+    proc = run_cli(dataset / "a", "-o", out / "a", "-q", "--skip-existing", "--thresholds", "5", "4")
+    assert {r["status"] for r in read_csv(out / "a" / "summary.csv")} == {"ok"}
+
+
+def test_interrupt_writes_summary_and_resume_completes(tmp_path):
+    root = tmp_path / "many"
+    for k in range(24):
+        small_photo(root / f"img{k:02d}.png", (400, 400), k)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(TOOL), str(root), "-o", str(out), "--workers", "1", "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.rglob("stats.json"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    done = summary["images"]["ok"]
+    assert summary["interrupted"] and 2 <= done < 24 and summary["images"]["not_processed"] == 24 - done
+    assert len(read_csv(out / "summary.csv")) == done
+    proc = run_cli(root, "-o", out, "-q", "--skip-existing", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    final = json.loads((out / "summary.json").read_text())
+    assert final["images"]["reused"] >= done and final["images"]["reused"] + final["images"]["ok"] == 24
+
+
+def test_output_inside_input_is_not_reprocessed(tmp_path):
+    root = tmp_path / "photos"
+    small_photo(root / "p.jpg", (150, 150), 9)
+    small_photo(root / "q.jpg", (150, 170), 10)
+    for _ in range(2):
+        proc = run_cli(root, "-o", root / "out", "-q")
+        assert proc.returncode == 0, proc.stderr
+    assert sorted(r["path"] for r in read_csv(root / "out" / "summary.csv")) == ["p.jpg", "q.jpg"]
+
+
+def test_progress_bar_shown_and_quiet_silences_it(tmp_path):
+    root = tmp_path / "two"
+    small_photo(root / "1.jpg", (100, 120), 1)
+    small_photo(root / "2.jpg", (120, 100), 2)
+    proc = run_cli(root, "-o", tmp_path / "o", "--stats-only")
+    assert "2/2" in proc.stderr and "file/s" in proc.stderr
+    proc = run_cli(root, "-o", tmp_path / "o", "--stats-only", "-q")
+    assert proc.stderr == ""
+
+
+def test_report_opens_in_a_browser(dataset, tmp_path, browser):
+    out = tmp_path / "out"
+    run_cli(dataset, "-o", out, "-q")
+    browser.open((out / "report.html").as_uri())
+    total = int(browser.evaluate("document.body.dataset.imagesTotal"))
+    loaded = int(browser.evaluate("document.body.dataset.imagesLoaded"))
+    assert total == loaded == 5
+    assert browser.evaluate("document.querySelectorAll('tr.result').length") == 5
+    assert browser.evaluate("document.querySelectorAll('#failures li').length") == 1
+    ratios = browser.evaluate("Array.from(document.querySelectorAll('tr.result')).map(r => +r.cells[1].dataset.value)")
+    assert ratios == sorted(ratios)
+    browser.evaluate("document.querySelectorAll('th')[1].click()")  # sort by ratio again: now descending
+    resorted = browser.evaluate(
+        "Array.from(document.querySelectorAll('tr.result')).map(r => +r.cells[1].dataset.value)")
+    assert resorted == sorted(ratios, reverse=True)
+    links = browser.evaluate("Array.from(document.querySelectorAll('tr.result a')).map(a => a.getAttribute('href'))")
+    assert all(not link.startswith(("http", "/")) for link in links)  # relative, offline
+    assert all((out / link).exists() for link in links)
+    assert browser.console_errors() == []
