@@ -45,6 +45,7 @@ import time
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -593,13 +594,22 @@ class SharedThresholdCounts:
 
 
 def choose_shared_threshold(counts: SharedThresholdCounts, target_ratio: float) -> tuple[float, int]:
-    """(threshold, total patches) whose retained ratio is closest to target_ratio;
-    ties go to more patches. Exact: every distinct outcome is one candidate."""
+    """(threshold, total patches) whose retained ratio is closest to target_ratio; ties go
+    to more patches. Exact: every distinct outcome is one candidate, and distances are
+    compared in rational arithmetic, so a target such as 0.5 exactly between two outcomes
+    is a true tie."""
     candidates = counts.candidates()
-    totals = counts.total(candidates)
-    distance = np.abs(totals / counts.uniform - target_ratio)
-    order = np.lexsort((-totals, distance))  # smallest distance, then most patches
-    best = int(order[0])
+    totals = counts.total(candidates)  # non-increasing: a higher threshold never adds patches
+    goal = Fraction(target_ratio) * counts.uniform
+    lo, hi = 0, len(totals)  # first index whose total <= goal
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if totals[mid] <= goal:
+            hi = mid
+        else:
+            lo = mid + 1
+    options = [k for k in (lo - 1, lo) if 0 <= k < len(totals)]
+    best = min(options, key=lambda k: (abs(int(totals[k]) - goal), -int(totals[k])))
     return float(candidates[best]), int(totals[best])
 
 
