@@ -190,3 +190,16 @@ def test_tie_with_threshold_is_decided_exactly():
         tok = vp.PatchTokenizer(num_scales=2, base_patch_size=14, thresholds=[thr])
         masks = tok.construct_masks(tok.compute_importance_maps(normalized))
         assert int(masks[28].sum()) == merged
+
+
+def test_uint8_entry_point_equals_normalised_entry_point():
+    """The pipeline scores the uint8 pixels directly; the seed's API takes normalised ones."""
+    from conftest import sample_photo
+
+    tok = vp.PatchTokenizer()
+    for path in (PEARL, sample_photo()):
+        rgb = vp.resize_for_qwen2vl(vp.load_image(path), vp.Settings())
+        direct = tok.importance_from_uint8(torch.from_numpy(rgb).permute(2, 0, 1)[None, None])
+        normalised = tok.compute_importance_maps(torch.from_numpy(vp.normalize_image(rgb))[None])
+        for ps in tok.patch_sizes:
+            assert torch.equal(direct[ps].nan_to_num(-1), normalised[ps].nan_to_num(-1))
