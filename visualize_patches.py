@@ -1219,7 +1219,7 @@ def explorer_html(
     count_rows = "\n".join(f'<tr><td>{ps} px patches</td><td id="count-{ps}">{counts[ps]}</td></tr>' for ps in sizes)
     scale_options = "".join(f'<option value="{ps}">{ps} px</option>' for ps in sizes)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>APT explorer: {esc(title)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>APT explorer: {esc(Path(title).name)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 16px; color: #222; }}
 h1 {{ font-size: 20px; margin: 0 0 10px; }}
@@ -1233,7 +1233,8 @@ canvas {{ max-width: 100%; height: auto; border: 1px solid #aaa; image-rendering
 .note {{ font-size: 12px; color: #555; margin-top: 10px; }}
 </style></head>
 <body>
-<h1>APT explorer: {esc(title)}</h1>
+<h1>APT explorer: {esc(Path(title).name)}</h1>
+<p class="note">{esc(title)}</p>
 <div class="layout">
 <div class="panel">
 {sliders}
@@ -1860,7 +1861,7 @@ def image_files(result: ImageResult, stats: Mapping, settings: Settings, options
     counts = patch_counts(result.masks)
     if options.sweep:
         current = (result.thresholds, sum(counts.values()))
-        files.update(sweep_files([result.maps], settings, current, f"Threshold sweep: {p.job.label}",
+        files.update(sweep_files([result.maps], settings, current, f"Threshold sweep: {Path(p.job.label).name}",
                                  plot=not options.stats_only))
     if options.stats_only:
         return files
@@ -1896,7 +1897,7 @@ def image_files(result: ImageResult, stats: Mapping, settings: Settings, options
     ]
     if settings.target_ratio is not None:
         lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
-    panel = render_summary_panel(f"APT: {p.job.label}", p.original_preview or overlay_image, p.original_size, overlay,
+    panel = render_summary_panel(f"APT: {Path(p.job.label).name}", p.original_preview or overlay_image, p.original_size, overlay,
                                  result.maps, lines, label)
     files["summary_panel.png"] = encode_png(panel, compress_level=1)
     return files
@@ -2587,7 +2588,7 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, device: torc
         files["importance_maps.npz"] = encode_npz(arrays)
         if options.sweep:
             apt = sum(sum(patch_counts(m).values()) for m in tube_masks)
-            files.update(sweep_files(tube_maps, settings, (thresholds, apt), f"Threshold sweep: {job.label}",
+            files.update(sweep_files(tube_maps, settings, (thresholds, apt), f"Threshold sweep: {Path(job.label).name}",
                                      plot=not options.stats_only))
         with staged_output(job.out_dir) as staging:
             if not options.stats_only:
@@ -2716,7 +2717,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "file writes its outputs straight into the output directory; anything else writes one "
                         f"folder per input plus summaries. Without INPUT, matplotlib's sample photo {SAMPLE_IMAGE}.")
     parser.add_argument("-o", "--output", type=Path, default=Path(DEFAULT_OUTPUT_DIR), metavar="DIR",
-                        help="Directory for the outputs; created if missing (default: %(default)s).")
+                        help=f"Directory for the outputs; created if missing (default: {DEFAULT_OUTPUT_DIR}).")
 
     model = parser.add_argument_group("model geometry (Qwen2-VL image processor)")
     model.add_argument("--patch-size", type=positive_int, metavar="PX",
@@ -2758,7 +2759,8 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--color-by-scale", action="store_true",
                       help="Colour patch borders by scale, with a legend, instead of one colour.")
     draw.add_argument("--line-color", type=color_level, nargs=3, metavar=("R", "G", "B"),
-                      default=list(BORDER_GREEN), help="Border colour (default: %(default)s).")
+                      default=list(BORDER_GREEN),
+                      help=f"Border colour (default: {' '.join(map(str, BORDER_GREEN))}, green).")
     draw.add_argument("--line-thickness", type=positive_int, default=BORDER_THICKNESS, metavar="PX",
                       help="Border width in pixels (default: %(default)s).")
 
@@ -2875,6 +2877,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if settings.target_ratio is not None else ""
             logger.info(f"APT patches {stats['apt_patches']} of {stats['uniform_patches']} uniform "
                         f"({stats['retained_ratio']:.1%} retained){chosen}: {counts}")
+            if stats["apt_patches"] == stats["uniform_patches"] and settings.target_ratio is None:
+                logger.info("no patch merged at these thresholds: see the heatmaps' colour bars or "
+                            "explorer.html for the scores, or try --target-ratio 0.5 or --sweep")
             logger.info(f"wrote outputs to {args.output} (device {device.type})")
             return EXIT_OK
         logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped; "
