@@ -1493,6 +1493,8 @@ def discover(inputs: Sequence[str], out_root: Path) -> Discovery:
             found.append((path, path.parent, kind_of(path) or "image"))
             continue
         if path.is_dir():
+            if exclude == path.resolve() or exclude in path.resolve().parents:
+                raise ToolError(f"{text}: is inside the output directory {out_root}; choose an -o outside it")
             candidates, root = list(_walk(path, exclude)), path
         elif glob.has_magic(text):
             root = _glob_root(text)
@@ -2655,14 +2657,22 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive_int(text: str) -> int:
+def _bounded_int(text: str, low: int, high: float, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = None
+    if value is None or not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _bounded_int(text, 1, math.inf, "a positive integer")
+
+
+def color_level(text: str) -> int:
+    return _bounded_int(text, 0, 255, "an integer 0..255")
 
 
 def finite_float(text: str) -> float:
@@ -2686,16 +2696,6 @@ def ratio(text: str) -> float:
     value = finite_float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1], got {text!r}")
-    return value
-
-
-def color_level(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer 0..255, got {text!r}") from None
-    if not 0 <= value <= 255:
-        raise argparse.ArgumentTypeError(f"expected an integer 0..255, got {text!r}")
     return value
 
 

@@ -7,7 +7,6 @@ evaluate JavaScript in it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import select

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import visualize_patches as vp
-from conftest import PEARL, TOOL, files_under, run_cli, sample_photo
+from conftest import PEARL, TOOL, run_cli, sample_photo
 
 
 def small_photo(path, size, seed, source=PEARL):
@@ -202,6 +201,15 @@ def test_output_inside_input_is_not_reprocessed(tmp_path):
         proc = run_cli(root, "-o", root / "out", "-q")
         assert proc.returncode == 0, proc.stderr
     assert sorted(r["path"] for r in read_csv(root / "out" / "summary.csv")) == ["p.jpg", "q.jpg"]
+
+
+def test_output_that_contains_the_input_is_refused(tmp_path):
+    root = tmp_path / "photos"
+    small_photo(root / "p.jpg", (150, 150), 9)
+    for out in (root, tmp_path):
+        proc = run_cli(root, "-o", out)
+        assert proc.returncode == 1 and "inside the output directory" in proc.stderr
+    assert sorted(p.name for p in root.iterdir()) == ["p.jpg"]
 
 
 def test_progress_bar_shown_and_quiet_silences_it(tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -97,3 +96,28 @@ def test_wrapper_script_without_arguments_uses_sample(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "visualizations" / "stats.json").read_text())["image"].endswith(
         "grace_hopper.jpg")
+
+
+def test_wrapper_uses_conda_env_when_the_interpreter_lacks_dependencies(tmp_path):
+    """Without the dependencies in $PYTHON, the wrapper goes through `conda run -n apt`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "conda.log"
+    conda = bin_dir / "conda"
+    conda.write_text(f"""#!/bin/sh
+echo "$@" >> {log}
+if [ "$1" = env ] && [ "$2" = list ]; then echo "apt   /opt/conda/envs/apt"; exit 0; fi
+if [ "$1" = run ]; then shift 5; exec {sys.executable} "$@"; fi
+exit 3
+""")
+    conda.chmod(0o755)
+    bare = bin_dir / "bare-python"  # an interpreter that finds none of the dependencies
+    bare.write_text("#!/bin/sh\nexit 1\n")
+    bare.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bare)}
+    proc = subprocess.run([str(ROOT / "run_visualize.sh"), str(PEARL), "-o", "c", "-q"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0] == "env list" and calls[1].startswith("run --no-capture-output -n apt python ")
+    assert (tmp_path / "c" / "stats.json").exists()

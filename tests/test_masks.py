@@ -101,7 +101,10 @@ def test_raising_thresholds_never_adds_patches(rows, cols, seed, low, raise_by):
     rng = np.random.default_rng(seed)
     maps = {ps: torch.from_numpy(m) for ps, m in random_maps(rng, rows * 14, cols * 14, 14, 3).items()}
     high = [a + b for a, b in zip(low, raise_by)]
-    count = lambda thr: sum(int(m.sum()) for m in vp.select_patches(maps, thr).values())
+
+    def count(thr):
+        return sum(int(m.sum()) for m in vp.select_patches(maps, thr).values())
+
     assert count(high) <= count(low)
     assert count([-1.0, -1.0]) == rows * cols  # nothing merges below zero bits: the uniform grid
 

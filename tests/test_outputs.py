@@ -9,7 +9,6 @@ import torch
 from PIL import Image
 
 import visualize_patches as vp
-from conftest import PEARL
 
 SIZES = (14, 28, 56)
 EXPECTED_FILES = {f"importance_map_scale_{s}.png" for s in SIZES} | {
@@ -136,7 +135,7 @@ def test_borders_drawn_once_with_given_thickness():
     green = (out == vp.BORDER_GREEN).all(axis=-1)
     # the shared edge of the 56 px patch and its right neighbours at x = 56: columns 55 and 56 only
     row = green[40]
-    assert row[54] == False and row[55] and row[56] and row[57] == False
+    assert not row[54] and row[55] and row[56] and not row[57]
     # 28 px boundary inside the right half at x = 84: 2 px wide
     assert list(row[82:87]) == [False, True, True, False, False]
     # horizontal boundary at y = 28 in the right half only

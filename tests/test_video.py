@@ -3,7 +3,6 @@
 import ast
 import json
 import math
-import resource
 import subprocess
 import sys
 import types
@@ -16,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import visualize_patches as vp
-from conftest import PEARL, TOOL, files_under, run_cli
+from conftest import PEARL, TOOL, run_cli
 from test_entropy import slow_entropy_map
 
 
