@@ -1776,35 +1776,43 @@ class ImageResult:
     device: str
 
 
-def image_stats(result: ImageResult, settings: Settings) -> dict:
-    """The stats.json record of one image."""
-    p = result.prepared
-    height, width = p.resized.shape[:2]
-    counts = patch_counts(result.masks)
-    grid_h, grid_w = height // settings.patch_size, width // settings.patch_size
-    uniform = grid_h * grid_w
+def stats_record(label: str, kind: str, original_size: Sequence[int], resized_hw: tuple[int, int],
+                 settings: Settings, thresholds: Sequence[float], counts: Mapping[int, int], uniform: int,
+                 device: str, timings: Mapping[str, float]) -> dict:
+    """The stats.json keys shared by images and videos. counts: patches per size; uniform:
+    patches without APT (for a video, over all its temporal patches)."""
+    height, width = resized_hw
     apt = sum(counts.values())
     return {
-        "image": p.job.label,
-        "kind": "image",
-        "original_size": list(p.original_size),
+        "image": label,
+        "kind": kind,
+        "original_size": list(original_size),
         "resized_size": [width, height],
         "patch_size": settings.patch_size,
         "merge_size": settings.merge_size,
         "temporal_patch_size": settings.temporal_patch_size,
-        "thresholds": list(result.thresholds),
+        "thresholds": list(thresholds),
         "patch_sizes": list(settings.patch_sizes),
-        "patches_per_scale": {str(ps): n for ps, n in counts.items()},
+        "patches_per_scale": {str(ps): n for ps, n in sorted(counts.items())},
         "apt_patches": apt,
         "uniform_patches": uniform,
         "retained_ratio": apt / uniform,
         "qwen2vl_tokens": uniform // settings.merge_size**2,
         "method": settings.method,
         "target_ratio": settings.target_ratio,
-        "device": result.device,
-        "settings": {**settings.record(), "thresholds": list(result.thresholds)},
-        "timings_ms": {k: round(v, 1) for k, v in p.timings.items()},
+        "device": device,
+        "settings": {**settings.record(), "thresholds": list(thresholds)},
+        "timings_ms": {k: round(v, 1) for k, v in timings.items()},
     }
+
+
+def image_stats(result: ImageResult, settings: Settings) -> dict:
+    """The stats.json record of one image."""
+    p = result.prepared
+    height, width = p.resized.shape[:2]
+    uniform = (height // settings.patch_size) * (width // settings.patch_size)
+    return stats_record(p.job.label, "image", p.original_size, (height, width), settings, result.thresholds,
+                        patch_counts(result.masks), uniform, result.device, p.timings)
 
 
 def heatmap_name(patch_size: int) -> str:
@@ -2526,34 +2534,11 @@ def video_stats(job: Job, info: VideoInfo, indices: Sequence[int], size: tuple[i
         per_tube.append({"temporal_patch": k, "frames": frames, "patches_per_scale": {str(ps): n for ps, n in counts.items()},
                          "apt_patches": sum(counts.values())})
     uniform = grid_t * (h // settings.patch_size) * (w // settings.patch_size)
-    apt = sum(totals.values())
-    return {
-        "image": job.label,
-        "kind": "video",
-        "original_size": [info.width, info.height],
-        "resized_size": [w, h],
-        "patch_size": settings.patch_size,
-        "merge_size": settings.merge_size,
-        "temporal_patch_size": t,
-        "thresholds": list(thresholds),
-        "patch_sizes": list(settings.patch_sizes),
-        "patches_per_scale": {str(ps): n for ps, n in totals.items()},
-        "apt_patches": apt,
-        "uniform_patches": uniform,
-        "retained_ratio": apt / uniform,
-        "qwen2vl_tokens": uniform // settings.merge_size**2,
-        "frames_total": info.total_frames,
-        "video_fps": info.fps,
-        "frames_sampled": len(indices),
-        "frame_indices": list(indices),
-        "temporal_patches": grid_t,
-        "per_temporal_patch": per_tube,
-        "method": settings.method,
-        "target_ratio": settings.target_ratio,
-        "device": device,
-        "settings": {**settings.record(), "thresholds": list(thresholds)},
-        "timings_ms": {k: round(v, 1) for k, v in timings.items()},
-    }
+    stats = stats_record(job.label, "video", (info.width, info.height), size, settings, thresholds, totals, uniform,
+                         device, timings)
+    stats.update(frames_total=info.total_frames, video_fps=info.fps, frames_sampled=len(indices),
+                 frame_indices=list(indices), temporal_patches=grid_t, per_temporal_patch=per_tube)
+    return stats
 
 
 def run_video(job: Job, settings: Settings, options: RenderOptions, device: torch.device,
