@@ -2233,18 +2233,22 @@ def _stored_maps(job: Job, settings: Settings) -> list[dict[int, np.ndarray]]:
         return []
 
 
+def _outcome(get: Callable[[], object]) -> object:
+    """get()'s result, or the exception it raised: one bad input never stops the batch.
+    (KeyboardInterrupt is no Exception, so Ctrl-C still stops it.)"""
+    try:
+        return get()
+    except Exception as exc:  # noqa: BLE001 - recorded as that input's failure
+        return exc
+
+
 def _ordered_map(executor: Executor, fn: Callable, calls: Sequence[tuple[Job, tuple]],
                  window: int) -> Iterator[tuple[Job, object]]:
     """fn(*args) for each (job, args), results (or the exception raised) in order,
     at most `window` calls ahead in the workers; one at a time without workers."""
     if executor.pool is None:
         for job, args in calls:
-            try:
-                yield job, fn(*args)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one bad input never stops the batch
-                yield job, exc
+            yield job, _outcome(functools.partial(fn, *args))
         return
     queue: list[tuple[Job, Future]] = []
     pending = iter(calls)
@@ -2257,12 +2261,7 @@ def _ordered_map(executor: Executor, fn: Callable, calls: Sequence[tuple[Job, tu
         nxt = next(pending, None)
         if nxt is not None:
             queue.append((nxt[0], executor.submit(fn, *nxt[1])))
-        try:
-            yield job, future.result()
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - one bad input never stops the batch
-            yield job, exc
+        yield job, _outcome(future.result)
 
 
 def score_image(job: Job, settings: Settings) -> list[dict[int, np.ndarray]]:
@@ -2329,12 +2328,7 @@ def _process_on_cuda(images, settings, options, device, executor, thresholds, ma
         while finishing and (block or finishing[0][1].done()):
             job, future = finishing.pop(0)
             progress.update()
-            try:
-                yield job, future.result()
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # noqa: BLE001 - one bad input never stops the batch
-                yield job, exc
+            yield job, _outcome(future.result)
 
     def score(ready: list[Prepared]) -> None:
         start = time.perf_counter()

@@ -13,7 +13,6 @@ when scikit-image is installed. The single-image run is the Vermeer at its own s
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -59,8 +58,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="apt-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="apt-bench-") as tmp:
+        work = Path(tmp)
         photos = work / "photos"
         photos.mkdir()
         make_dataset(photos, args.images)
@@ -83,8 +82,6 @@ def main() -> int:
         print(f"stats-only ratio: {r1:.2f}x (target <= {STATS_TARGET:g}x) {'PASS' if r1 <= STATS_TARGET else 'FAIL'}")
         print(f"full-output ratio: {r2:.2f}x (target <= {FULL_TARGET:g}x) {'PASS' if r2 <= FULL_TARGET else 'FAIL'}")
         return 0 if r1 <= STATS_TARGET and r2 <= FULL_TARGET else 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Targets: <= 1.5x its wall time and <= 1.5x its peak resident memory.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -23,8 +22,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="apt-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="apt-bench-") as tmp:
+        work = Path(tmp)
         bare, tool = [], []
         for k in range(args.runs):
             bare.append(run_measured([sys.executable, "-c", "import torch, matplotlib, PIL, cv2"]))
@@ -38,8 +37,6 @@ def main() -> int:
         print(f"wall-time ratio: {rt:.2f}x (target <= {TARGET}x) {'PASS' if rt <= TARGET else 'FAIL'}")
         print(f"peak-memory ratio: {rm:.2f}x (target <= {TARGET}x) {'PASS' if rm <= TARGET else 'FAIL'}")
         return 0 if rt <= TARGET and rm <= TARGET else 1
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
