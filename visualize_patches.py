@@ -25,10 +25,26 @@ Sections, top to bottom:
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":
+    # Until main() installs its own handlers: a stop signal while the imports below run
+    # (torch alone takes over a second) ends the run with one line instead of a traceback.
+    def _stop_during_start_up(signum, frame):
+        sys.stderr.write(f"ERROR   interrupted ({signal.Signals(signum).name}) during start-up\n")
+        os._exit(128 + signum)
+
+    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(_signum, _stop_during_start_up)
+
 import argparse
 import base64
 import csv
 import ctypes
+import errno
+import fcntl
 import functools
 import gc
 import glob
@@ -37,14 +53,13 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import shutil
-import signal
-import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -1579,40 +1594,127 @@ def check_output_dir(out_dir: Path) -> None:
         raise ToolError(f"{out_dir}: output directory is not writable ({exc.strerror or exc})") from None
 
 
+STAGING_PREFIX = ".staging-"  # hidden folder where one input's outputs are written before they are renamed into place
+LOCK_NAME = ".visualize_patches.lock"  # in the output directory while a run writes there; holds the run's PID
+
+
+def _remove_empty_folders(folders: Iterable[Path]) -> None:
+    """rmdir each folder that is empty, deepest first; anything with content stays."""
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def _make_folders(out_dir: Path) -> list[Path]:
+    """mkdir -p out_dir; the folders it created, so that a failure can remove them again."""
+    created = []
+    probe = out_dir
+    while not probe.exists() and probe.parent != probe:
+        created.append(probe)
+        probe = probe.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return created
+
+
 class staged_output:
     """Context manager: a hidden staging folder inside out_dir whose files are renamed
-    into out_dir when the block succeeds, and deleted when it fails."""
+    into out_dir when the block succeeds; when it fails (an error, a full disk, Ctrl-C), the
+    staging folder and any folder this created are deleted, so a failed input leaves nothing.
 
-    def __init__(self, out_dir: Path):
+    stats.json is renamed last (and an older one removed first): a folder with a stats.json
+    is complete. Staging folders left by a killed run are removed first (the output lock makes
+    sure no other run is writing there)."""
+
+    def __init__(self, out_dir: Path, what: str = "outputs"):
         self.out_dir = out_dir
+        self.what = what
         self.staging: Path | None = None
+        self.created: list[Path] = []
 
     def __enter__(self) -> Path:
         try:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.out_dir))
+            self.created = _make_folders(self.out_dir)
+            for stale in self.out_dir.glob(f"{STAGING_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
         except OSError as exc:
+            _remove_empty_folders(self.created)
             raise ToolError(f"{self.out_dir}: cannot create output directory ({exc.strerror or exc})") from None
         return self.staging
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                for item in sorted(self.staging.iterdir()):
+                items = sorted(self.staging.iterdir(), key=lambda item: (item.name == "stats.json", item.name))
+                if items and items[-1].name == "stats.json":
+                    (self.out_dir / "stats.json").unlink(missing_ok=True)
+                for item in items:
                     os.replace(item, self.out_dir / item.name)
             elif issubclass(exc_type, OSError):
-                raise ToolError(f"{self.out_dir}: writing outputs failed ({exc.strerror or exc})") from None
+                raise ToolError(f"{self.out_dir}: writing {self.what} failed ({exc.strerror or exc})") from None
         except OSError as err:
-            raise ToolError(f"{self.out_dir}: writing outputs failed ({err.strerror or err})") from None
+            raise ToolError(f"{self.out_dir}: writing {self.what} failed ({err.strerror or err})") from None
         finally:
             shutil.rmtree(self.staging, ignore_errors=True)
+            if exc_type is not None:
+                _remove_empty_folders(self.created)
 
 
-def write_files(out_dir: Path, files: Mapping[str, bytes]) -> None:
+def write_files(out_dir: Path, files: Mapping[str, bytes], what: str = "outputs") -> None:
     """Write all files or none: stage them in a hidden folder, then rename into place."""
-    with staged_output(out_dir) as staging:
+    with staged_output(out_dir, what) as staging:
         for name, data in files.items():
             (staging / name).write_bytes(data)
+
+
+class OutputLock:
+    """An exclusive lock on the output directory for the whole run: flock on LOCK_NAME, which
+    holds the PID. A second run stops with one line naming the first; the kernel drops the lock
+    of a run that died, so its stale file is simply taken over. Creates the directory; on exit,
+    removes the lock file and any folder it created that stayed empty."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+        self.path = out_dir / LOCK_NAME
+        self.fd: int | None = None
+        self.created: list[Path] = []
+
+    def __enter__(self) -> "OutputLock":
+        try:
+            self.created = _make_folders(self.out_dir)
+            while self.fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    _remove_empty_folders(self.created)
+                    raise ToolError(f"{self.out_dir}: another run of this tool is writing there (PID {owner}); "
+                                    "wait for it to finish or choose another -o") from None
+                try:  # a run that finished unlinks its lock file: make sure ours is still the one in place
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    self.fd = fd
+                else:
+                    os.close(fd)
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            self.__exit__(None, None, None)
+            raise ToolError(f"{self.out_dir}: cannot lock the output directory ({exc.strerror or exc})") from None
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)  # while still locked, so no other run can be holding it
+            os.close(self.fd)
+            self.fd = None
+        _remove_empty_folders(self.created)
 
 
 def refuse_overwriting_input(input_path: Path, out_dir: Path, names: Iterable[str]) -> None:
@@ -2005,34 +2107,131 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
-def _worker_init() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WORKER_WATCH_SECONDS = 0.5  # how often a worker checks that its parent is alive
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the parent process dies, however it dies (SIGKILL included):
+    the kernel's parent-death signal where there is one, and a watchdog thread everywhere."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(WORKER_WATCH_SECONDS)
+        os._exit(EXIT_FAILURE)
+
+    if os.getppid() != parent:  # the parent died before the line above
+        os._exit(EXIT_FAILURE)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _worker_init(parent: int) -> None:
+    for signum in STOP_SIGNALS:  # the parent decides when to stop, and stops its workers itself
+        signal.signal(signum, signal.SIG_IGN)
+    _die_with_parent(parent)
     torch.set_num_threads(1)  # the workers are the parallelism
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP all act as Ctrl-C. The first raises KeyboardInterrupt: the run
+    stops cleanly (inputs in progress finish, summaries are written). The second calls on_second
+    (which kills the workers) and raises again, so the run ends at once. Later ones, and any that
+    arrive while `deferred`, are only recorded. Exit status: 128 + the first signal's number."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.on_second: Callable[[], None] | None = None
+        self.deferred = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received.append(signum)
+        if len(self.received) == 2 and self.on_second is not None:
+            self.on_second()
+        if not self.deferred and len(self.received) <= 2:
+            raise KeyboardInterrupt
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received[0]).name if self.received else "SIGINT"
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.received[0] if self.received else EXIT_INTERRUPTED
+
+    @contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Signals during the block are recorded, not raised (short, must-finish work)."""
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
 
 
 class Executor:
     """Runs tasks in forked worker processes, or inline when workers == 1.
 
-    Workers never touch torch: they decode, resize, render and write; the
-    parent scores the images.
+    It remembers which submitted tasks finish an input (`job` given), so that after an
+    interrupt those still running can be waited for and counted (drain), or killed (kill).
     """
 
     def __init__(self, workers: int):
         self.workers = workers
         self.pool = None
+        self.inflight: dict[Future, Job | None] = {}
         if workers > 1:
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_worker_init)
+                                            initializer=_worker_init, initargs=(os.getpid(),))
 
-    def submit(self, fn: Callable, *args) -> Future:
+    def submit(self, fn: Callable, *args, job: Job | None = None) -> Future:
+        """fn(*args); `job` marks a task whose success means that job's outputs are complete."""
         if self.pool is not None:
-            return self.pool.submit(fn, *args)
+            future = self.pool.submit(fn, *args)
+            self.inflight[future] = job
+            return future
         future: Future = Future()
         try:
             future.set_result(fn(*args))
         except Exception as exc:  # noqa: BLE001 - delivered to the caller like a pool would
             future.set_exception(exc)
         return future
+
+    def forget(self, future: Future) -> None:
+        """The caller has recorded this task's outcome."""
+        self.inflight.pop(future, None)
+
+    def drain(self) -> Iterator[tuple[Job, object]]:
+        """After an interrupt: cancel the tasks not started; (job, outcome) of each input-finishing
+        task that was already running, as it ends (some may have been recorded already)."""
+        for future in self.inflight:
+            future.cancel()
+        for future, job in list(self.inflight.items()):
+            if job is not None and not future.cancelled():
+                yield job, _outcome(future.result)
+
+    def unfinished(self) -> list[Job]:
+        return [job for job in self.inflight.values() if job is not None]
+
+    def kill(self) -> None:
+        """End every worker at once (the second Ctrl-C)."""
+        if self.pool is not None:
+            for process in list(self.pool._processes.values()):  # noqa: SLF001 - no public handle
+                process.kill()
 
     def shutdown(self, cancel: bool = False) -> None:
         if self.pool is not None:
@@ -2105,20 +2304,9 @@ def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings, thresho
     }
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace path with data in one step (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_summaries(out_root: Path, rows: Sequence[Mapping], summary: Mapping, settings: Settings,
                     sweep: dict[str, bytes] | None) -> None:
+    """summary.csv, .json, .png, report.html (and the sweep files) as one set: all or none."""
     sizes = settings.patch_sizes
     columns = [*SUMMARY_BASE_COLUMNS, *(f"patches_{ps}" for ps in sizes), *SUMMARY_TAIL_COLUMNS]
     thresholds_text = "thresholds " + ", ".join(f"{t:g}" for t in summary["thresholds"])
@@ -2129,9 +2317,7 @@ def write_summaries(out_root: Path, rows: Sequence[Mapping], summary: Mapping, s
         "report.html": report_html(rows, summary, sizes).encode(),
         **(sweep or {}),
     }
-    out_root.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        write_atomic(out_root / name, data)
+    write_files(out_root, files, what="the summaries")
 
 
 class Progress:
@@ -2154,70 +2340,94 @@ class Progress:
 
 
 def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, device: torch.device,
-              workers: int, skip_existing: bool, show_progress: bool) -> int:
-    """Every job, then summaries; exit status 1 when any input failed."""
+              workers: int, skip_existing: bool, show_progress: bool, signals: StopSignals) -> int:
+    """Every job, then summaries; exit status 1 when any input failed, 128 + N after signal N."""
     jobs = found.jobs
     rows: dict[Job, dict] = {}
     maps_of: dict[Job, list] = {}  # per job: maps of each image / temporal patch (for sweeps and targets)
     progress = Progress(len(jobs) * (2 if settings.target_ratio is not None else 1), show_progress)
     executor = Executor(workers if sum(j.kind == "image" for j in jobs) > 1 else 1)
-    interrupted = False
+    signals.on_second = executor.kill
     thresholds = settings.thresholds
 
     def fail(job: Job, exc: BaseException) -> None:
         rows[job] = summary_row(job, out_root, None, "failed", failure_text(exc))
         logger.error(failure_text(exc) if isinstance(exc, ToolError) else f"{job.label}: {failure_text(exc)}")
 
+    def record(job: Job, outcome: object) -> None:
+        if isinstance(outcome, BaseException):
+            fail(job, outcome)
+        else:
+            stats = outcome[0] if isinstance(outcome, tuple) else outcome  # process_image: (stats, maps)
+            rows[job] = summary_row(job, out_root, stats, "ok", pictures=not options.stats_only)
+
     try:
-        check_output_dir(out_root)
-        for job in jobs:
-            names = image_output_names if job.kind == "image" else video_output_names
-            refuse_overwriting_input(job.path, job.out_dir, names(settings, options))
-        if settings.target_ratio is not None:
-            # pass 1: every image's maps, so that one threshold serves the whole set
-            for job, outcome in _score_all(jobs, settings, device, executor, progress):
-                if isinstance(outcome, BaseException):
-                    fail(job, outcome)
-                else:
-                    maps_of[job] = outcome
-            if maps_of:
-                thresholds = thresholds_for(settings, [m for ms in maps_of.values() for m in ms])
-                logger.info(f"target ratio {settings.target_ratio:g}: shared threshold {thresholds[0]!r}")
-        todo = [j for j in jobs if j not in rows]
-        if skip_existing:
-            for job in todo:
-                stats = reusable_stats(job, settings, options, thresholds)
-                if stats is not None:
-                    rows[job] = summary_row(job, out_root, stats, "reused", pictures=not options.stats_only)
-                    progress.update()
-            todo = [j for j in todo if j not in rows]
-        for job, outcome in _process_all(todo, settings, options, device, executor, thresholds, maps_of, progress):
-            if isinstance(outcome, BaseException):
-                fail(job, outcome)
-            else:
-                rows[job] = summary_row(job, out_root, outcome, "ok", pictures=not options.stats_only)
-    except KeyboardInterrupt:
-        interrupted = True
-        logger.error("interrupted: writing the summary of the inputs done so far")
+        try:
+            for job in jobs:
+                names = image_output_names if job.kind == "image" else video_output_names
+                refuse_overwriting_input(job.path, job.out_dir, names(settings, options))
+            if settings.target_ratio is not None:
+                # pass 1: every image's maps, so that one threshold serves the whole set
+                for job, outcome in _score_all(jobs, settings, device, executor, progress):
+                    if isinstance(outcome, BaseException):
+                        fail(job, outcome)
+                    else:
+                        maps_of[job] = outcome
+                if maps_of:
+                    thresholds = thresholds_for(settings, [m for ms in maps_of.values() for m in ms])
+                    logger.info(f"target ratio {settings.target_ratio:g}: shared threshold {thresholds[0]!r}")
+            todo = [j for j in jobs if j not in rows]
+            if skip_existing:
+                for job in todo:
+                    stats = reusable_stats(job, settings, options, thresholds)
+                    if stats is not None:
+                        rows[job] = summary_row(job, out_root, stats, "reused", pictures=not options.stats_only)
+                        progress.update()
+                todo = [j for j in todo if j not in rows]
+            for job, outcome in _process_all(todo, settings, options, device, executor, thresholds, maps_of,
+                                             progress):
+                record(job, outcome)
+        except KeyboardInterrupt:
+            logger.error(f"interrupted ({signals.name}): finishing the inputs in progress, then writing the "
+                         "summary (Ctrl-C again stops at once)")
+            for job, outcome in executor.drain():
+                if job not in rows:
+                    record(job, outcome)
+    except KeyboardInterrupt:  # the second signal: the workers are gone, their inputs unfinished
+        logger.error("stopped at once: inputs in progress discarded")
     finally:
-        executor.shutdown(cancel=True)
-        progress.close()
-    ordered = [rows[j] for j in jobs if j in rows]
-    pending = len(jobs) - len(ordered)
-    sweep = None
-    if options.sweep:
-        maps_list = [m for j in jobs if j in rows and rows[j]["status"] != "failed"
-                     for m in (maps_of.get(j) or _stored_maps(j, settings))]
-        if maps_list:
-            sweep = sweep_files(maps_list, settings, None, f"Threshold sweep over {len(ordered)} inputs", plot=True)
-    summary = summarize(ordered, found.skipped, settings, thresholds, interrupted, pending)
-    write_summaries(out_root, ordered, summary, settings, sweep)
+        with signals.deferring():
+            executor.shutdown(cancel=True)
+            for job in executor.unfinished():
+                if job not in rows:
+                    discard_unfinished(job, out_root)
+            progress.close()
+    with signals.deferring():
+        ordered = [rows[j] for j in jobs if j in rows]
+        pending = len(jobs) - len(ordered)
+        sweep = None
+        if options.sweep:
+            maps_list = [m for j in jobs if j in rows and rows[j]["status"] != "failed"
+                         for m in (maps_of.get(j) or _stored_maps(j, settings))]
+            if maps_list:
+                sweep = sweep_files(maps_list, settings, None, f"Threshold sweep over {len(ordered)} inputs",
+                                    plot=True)
+        summary = summarize(ordered, found.skipped, settings, thresholds, bool(signals.received), pending)
+        write_summaries(out_root, ordered, summary, settings, sweep)
     ok = summary["images"]["ok"] + summary["images"]["reused"]
     logger.info(f"{ok} of {len(jobs)} inputs analysed, {summary['images']['failed']} failed, "
                 f"{found.skipped} other files skipped; summaries in {out_root}")
-    if interrupted:
-        return EXIT_INTERRUPTED
+    if signals.received:
+        return signals.exit_code
     return EXIT_FAILURE if summary["images"]["failed"] else EXIT_OK
+
+
+def discard_unfinished(job: Job, out_root: Path) -> None:
+    """What a killed worker left of one input: its staging folder, and folders left empty."""
+    for stale in job.out_dir.glob(f"{STAGING_PREFIX}*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    folders = [job.out_dir, *(p for p in job.out_dir.parents if out_root in p.parents)]
+    _remove_empty_folders(folders)
 
 
 def _stored_maps(job: Job, settings: Settings) -> list[dict[int, np.ndarray]]:
@@ -2243,9 +2453,10 @@ def _outcome(get: Callable[[], object]) -> object:
 
 
 def _ordered_map(executor: Executor, fn: Callable, calls: Sequence[tuple[Job, tuple]],
-                 window: int) -> Iterator[tuple[Job, object]]:
+                 window: int, final: bool = False) -> Iterator[tuple[Job, object]]:
     """fn(*args) for each (job, args), results (or the exception raised) in order,
-    at most `window` calls ahead in the workers; one at a time without workers."""
+    at most `window` calls ahead in the workers; one at a time without workers.
+    final: fn's success means the job's outputs are complete (see Executor.drain)."""
     if executor.pool is None:
         for job, args in calls:
             yield job, _outcome(functools.partial(fn, *args))
@@ -2253,15 +2464,16 @@ def _ordered_map(executor: Executor, fn: Callable, calls: Sequence[tuple[Job, tu
     queue: list[tuple[Job, Future]] = []
     pending = iter(calls)
     for job, args in pending:
-        queue.append((job, executor.submit(fn, *args)))
+        queue.append((job, executor.submit(fn, *args, job=job if final else None)))
         if len(queue) >= window:
             break
     while queue:
         job, future = queue.pop(0)
         nxt = next(pending, None)
         if nxt is not None:
-            queue.append((nxt[0], executor.submit(fn, *nxt[1])))
+            queue.append((nxt[0], executor.submit(fn, *nxt[1], job=nxt[0] if final else None)))
         yield job, _outcome(future.result)
+        executor.forget(future)  # only once the caller has recorded it
 
 
 def score_image(job: Job, settings: Settings) -> list[dict[int, np.ndarray]]:
@@ -2303,7 +2515,7 @@ def _process_all(jobs, settings, options, device, executor, thresholds, maps_of,
     window = 2 * executor.workers
     if device.type == "cpu":
         calls = [(j, (j, settings, options, thresholds, maps_of.get(j))) for j in images]
-        for job, outcome in _ordered_map(executor, process_image, calls, window):
+        for job, outcome in _ordered_map(executor, process_image, calls, window, final=True):
             progress.update()
             if isinstance(outcome, BaseException):
                 yield job, outcome
@@ -2329,6 +2541,7 @@ def _process_on_cuda(images, settings, options, device, executor, thresholds, ma
             job, future = finishing.pop(0)
             progress.update()
             yield job, _outcome(future.result)
+            executor.forget(future)
 
     def score(ready: list[Prepared]) -> None:
         start = time.perf_counter()
@@ -2341,7 +2554,7 @@ def _process_on_cuda(images, settings, options, device, executor, thresholds, ma
             p.timings["importance"] = share
             maps_of.setdefault(p.job, [maps])
             result = ImageResult(p, maps, compute_masks(maps, thresholds), tuple(thresholds), device.type)
-            finishing.append((p.job, executor.submit(finish_image, result, settings, options)))
+            finishing.append((p.job, executor.submit(finish_image, result, settings, options, job=p.job)))
 
     pending: list[Prepared] = []
     calls = [(j, (j, settings, not options.stats_only)) for j in images]
@@ -2835,6 +3048,15 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()  # the imported modules live for the whole run: keep the collector from rescanning them
+    with StopSignals() as signals:
+        try:
+            return _main(argv, signals)
+        except KeyboardInterrupt:
+            logger.error(f"interrupted ({signals.name})")
+            return signals.exit_code
+
+
+def _main(argv: Sequence[str] | None, signals: StopSignals) -> int:
     args, settings, options, device = parse_args(argv)
     configure_logging(args.quiet, args.verbose)
     logger.debug(f"device {device.type}; {settings}")
@@ -2844,33 +3066,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs = [str(sample_image_path())]
             logger.info(f"no input given: using matplotlib's sample photo {inputs[0]}")
         found = discover(inputs, args.output)
-        if found.flat:
-            job = found.jobs[0]
-            if job.kind == "video":
-                stats = run_video(job, settings, options, device, show_progress=not args.quiet,
-                                  skip_existing=args.skip_existing)
-            else:
-                stats = run_single_image(job, settings, options, device, args.skip_existing)
-            counts = ", ".join(f"{n} x {ps}px" for ps, n in stats["patches_per_scale"].items())
-            chosen = f" (threshold {stats['thresholds'][0]!r} for target ratio {settings.target_ratio:g})" \
-                if settings.target_ratio is not None else ""
-            logger.info(f"APT patches {stats['apt_patches']} of {stats['uniform_patches']} uniform "
-                        f"({stats['retained_ratio']:.1%} retained){chosen}: {counts}")
-            if stats["apt_patches"] == stats["uniform_patches"] and settings.target_ratio is None:
-                logger.info("no patch merged at these thresholds: see the heatmaps' colour bars or "
-                            "explorer.html for the scores, or try --target-ratio 0.5 or --sweep")
-            logger.info(f"wrote outputs to {args.output} (device {device.type})")
-            return EXIT_OK
-        logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped; "
-                    f"{args.workers} workers, device {device.type}")
-        return run_batch(found, args.output, settings, options, device, args.workers, args.skip_existing,
-                         show_progress=not args.quiet and len(found.jobs) > 1)
+        check_output_dir(args.output)
+        with OutputLock(args.output):
+            if found.flat:
+                return run_one(found.jobs[0], args, settings, options, device)
+            logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped; "
+                        f"{args.workers} workers, device {device.type}")
+            return run_batch(found, args.output, settings, options, device, args.workers, args.skip_existing,
+                             show_progress=not args.quiet and len(found.jobs) > 1, signals=signals)
     except ToolError as exc:
         logger.error(str(exc))
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        logger.error("interrupted")
-        return EXIT_INTERRUPTED
+
+
+def run_one(job: Job, args: argparse.Namespace, settings: Settings, options: RenderOptions,
+            device: torch.device) -> int:
+    """A single input file, outputs straight into the output directory."""
+    if job.kind == "video":
+        stats = run_video(job, settings, options, device, show_progress=not args.quiet,
+                          skip_existing=args.skip_existing)
+    else:
+        stats = run_single_image(job, settings, options, device, args.skip_existing)
+    counts = ", ".join(f"{n} x {ps}px" for ps, n in stats["patches_per_scale"].items())
+    chosen = f" (threshold {stats['thresholds'][0]!r} for target ratio {settings.target_ratio:g})" \
+        if settings.target_ratio is not None else ""
+    logger.info(f"APT patches {stats['apt_patches']} of {stats['uniform_patches']} uniform "
+                f"({stats['retained_ratio']:.1%} retained){chosen}: {counts}")
+    if stats["apt_patches"] == stats["uniform_patches"] and settings.target_ratio is None:
+        logger.info("no patch merged at these thresholds: see the heatmaps' colour bars or "
+                    "explorer.html for the scores, or try --target-ratio 0.5 or --sweep")
+    logger.info(f"wrote outputs to {args.output} (device {device.type})")
+    return EXIT_OK
 
 
 if __name__ == "__main__":

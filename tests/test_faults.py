@@ -1,0 +1,288 @@
+"""Faults where the tool meets the operating system: signals, dead parents, full disks,
+concurrent runs and file modes. Each test starts the CLI as a user (or a supervisor) would."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import visualize_patches as vp
+from conftest import PEARL, TOOL, run_cli
+from test_batch import read_csv, small_photo
+
+IS_ROOT = os.geteuid() == 0
+
+
+def many_photos(root: Path, count: int, size=(420, 420)) -> Path:
+    for k in range(count):
+        small_photo(root / f"img{k:03d}.png", size, k)
+    return root
+
+
+def start(*args, **kwargs) -> subprocess.Popen:
+    """The CLI in its own process group (as a shell job), so tests can signal the group."""
+    return subprocess.Popen([sys.executable, str(TOOL), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below pid (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_for(predicate, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def wait_until_working(proc: subprocess.Popen, out: Path, done: int = 2, workers: int = 0) -> set[int]:
+    """Wait until `done` inputs are written (and `workers` worker processes exist); their pids."""
+    assert wait_for(lambda: len(list(out.rglob("stats.json"))) >= done and len(descendants(proc.pid)) >= workers,
+                    120), "the run did not get going"
+    return descendants(proc.pid)
+
+
+@pytest.fixture
+def reaper():
+    """Kills whatever a test left running, so that a failing test leaves no orphan."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def complete_folders(out: Path, names) -> set[str]:
+    return {p.parent.relative_to(out).as_posix() for p in out.rglob("stats.json")
+            if all((p.parent / n).is_file() for n in names)}
+
+
+def assert_nothing_half_written(out: Path) -> None:
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".")]
+    assert not leftovers, leftovers
+    empty = [p for p in out.rglob("*") if p.is_dir() and not any(p.iterdir())]
+    assert not empty, empty
+
+
+# --- signals ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, reaper, signum, code):
+    root, out = many_photos(tmp_path / "in", 40), tmp_path / "out"
+    proc = start(root, "-o", out, "--workers", "2")
+    workers = wait_until_working(proc, out, workers=2)
+    reaper.extend(workers)
+    os.kill(proc.pid, signum)  # the main process only, as `kill PID` or a supervisor does
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert sum("interrupted" in line for line in stderr.splitlines()) == 1, stderr
+    assert wait_for(lambda: not any(alive(p) for p in workers), 5), "worker processes outlived the run"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"]
+    names = vp.image_output_names(vp.Settings(), vp.RenderOptions())
+    ok = {r["path"] for r in read_csv(out / "summary.csv") if r["status"] == "ok"}
+    assert ok == complete_folders(out, names)  # counts exactly the inputs whose outputs are complete
+    assert summary["images"]["ok"] == len(ok) and summary["images"]["not_processed"] == 40 - len(ok)
+    assert_nothing_half_written(out)
+
+
+def test_workers_die_with_a_killed_parent(tmp_path, reaper):
+    root, out = many_photos(tmp_path / "in", 60), tmp_path / "out"
+    proc = start(root, "-o", out, "--workers", "2")
+    workers = wait_until_working(proc, out, workers=2)
+    reaper.extend(workers)
+    proc.kill()  # SIGKILL: no handler runs in the parent
+    proc.wait(timeout=10)  # not communicate(): workers that outlive it would hold its pipes open
+    assert wait_for(lambda: not any(alive(p) for p in workers), 5), "workers survived their parent"
+
+
+def test_ctrl_c_twice_ends_the_run_at_once(tmp_path, reaper):
+    root, out = many_photos(tmp_path / "in", 60, size=(800, 800)), tmp_path / "out"
+    proc = start(root, "-o", out, "--workers", "2")
+    workers = wait_until_working(proc, out, workers=2)
+    reaper.extend(workers)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal signals the whole foreground group
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("a second Ctrl-C did not end the run")
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert wait_for(lambda: not any(alive(p) for p in workers), 5)
+    summary = json.loads((out / "summary.json").read_text())
+    names = vp.image_output_names(vp.Settings(), vp.RenderOptions())
+    ok = {r["path"] for r in read_csv(out / "summary.csv") if r["status"] == "ok"}
+    assert summary["interrupted"] and ok == complete_folders(out, names)
+    assert_nothing_half_written(out)
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    proc = start(PEARL, "-o", tmp_path / "out")
+    time.sleep(0.4)  # the imports take over a second
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert "interrupted" in stderr
+
+
+def test_one_ctrl_c_counts_every_finished_input(tmp_path, reaper):
+    root, out = many_photos(tmp_path / "in", 40), tmp_path / "out"
+    proc = start(root, "-o", out, "--workers", "2", "--stats-only")
+    reaper.extend(wait_until_working(proc, out, done=4, workers=2))
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    names = vp.image_output_names(vp.Settings(), vp.RenderOptions(stats_only=True))
+    summary = json.loads((out / "summary.json").read_text())
+    ok = {r["path"] for r in read_csv(out / "summary.csv") if r["status"] == "ok"}
+    assert ok == complete_folders(out, names) and summary["images"]["ok"] == len(ok) >= 4
+    assert_nothing_half_written(out)
+
+
+# --- concurrent runs ------------------------------------------------------------
+
+
+def test_a_second_run_on_the_same_output_stops_naming_the_first(tmp_path, reaper):
+    root, out = many_photos(tmp_path / "in", 30), tmp_path / "out"
+    first = start(root, "-o", out, "--workers", "1", "--stats-only")
+    reaper.append(first.pid)
+    wait_until_working(first, out, done=1)
+    second = run_cli(root, "-o", out, "--stats-only", "--thresholds", "5", "5")
+    assert second.returncode == 1, second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and str(first.pid) in second.stderr, second.stderr
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"]["ok"] == 30 and summary["thresholds"] == [3.0, 2.0]
+    stats = {json.loads(p.read_text())["settings"]["thresholds"] == [3.0, 2.0] for p in out.rglob("stats.json")}
+    assert stats == {True}  # the second run wrote nothing
+    assert not (out / vp.LOCK_NAME).exists()
+
+
+def test_a_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run(["sh", "-c", "echo $$"], capture_output=True, text=True).stdout.strip()
+    (out / vp.LOCK_NAME).write_text(f"{dead}\n")
+    proc = run_cli(PEARL, "-o", out, "--stats-only")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "stats.json").exists() and not (out / vp.LOCK_NAME).exists()
+
+
+def test_single_image_runs_take_the_lock_too(tmp_path, reaper):
+    root, out = many_photos(tmp_path / "in", 20), tmp_path / "out"
+    first = start(root, "-o", out, "--workers", "1", "--stats-only")
+    reaper.append(first.pid)
+    wait_until_working(first, out, done=1)
+    second = run_cli(PEARL, "-o", out)
+    assert second.returncode == 1 and str(first.pid) in second.stderr, second.stderr
+    assert not (out / "patches_visualization.jpg").exists()
+    first.communicate(timeout=120)
+
+
+# --- file modes -------------------------------------------------------------------
+
+
+def test_outputs_get_the_modes_of_normally_created_files(tmp_path):
+    root = many_photos(tmp_path / "in", 2, size=(200, 200))
+    out = tmp_path / "out"
+    proc = subprocess.run(["sh", "-c", f"umask 027 && exec '{sys.executable}' '{TOOL}' '{root}' -o '{out}' -q"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*")}
+    for name, mode in modes.items():
+        expected = 0o750 if (out / name).is_dir() else 0o640
+        assert mode == expected, (name, oct(mode))
+
+
+# --- full disks -------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB tmpfs (root only; skipped elsewhere)."""
+    if not IS_ROOT or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def fill(mount: Path, leave: int) -> None:
+    """Fill the file system but `leave` bytes."""
+    free = shutil.disk_usage(mount).free
+    with open(mount / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_full_disk_during_a_batch_leaves_no_folder_for_failed_inputs(tiny_disk, tmp_path):
+    root = many_photos(tmp_path / "in", 12, size=(600, 600))
+    out = tiny_disk / "out"
+    proc = run_cli(root, "-o", out, "--workers", "2")
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    names = vp.image_output_names(vp.Settings(), vp.RenderOptions())
+    folders = {p.relative_to(out).as_posix() for p in out.iterdir() if p.is_dir()}
+    assert folders == complete_folders(out, names)  # every folder left is complete
+    assert len(folders) < 12
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+    present = {n for n in ("summary.csv", "summary.json", "summary.png", "report.html") if (out / n).exists()}
+    assert present in (set(), {"summary.csv", "summary.json", "summary.png", "report.html"})
+
+
+def test_full_disk_while_writing_summaries_writes_none(tiny_disk, tmp_path):
+    one = tmp_path / "one"
+    assert run_cli(PEARL, "-o", one, "--stats-only").returncode == 0
+    stats = json.loads((one / "stats.json").read_text())
+    out = tiny_disk / "out"
+    out.mkdir()
+    jobs = [vp.Job(PEARL, f"img{k}.jpg", out / f"img{k}.jpg", "image") for k in range(40)]
+    rows = [vp.summary_row(job, out, stats, "ok") for job in jobs]
+    settings = vp.Settings()
+    summary = vp.summarize(rows, 0, settings, settings.thresholds, False, 0)
+    fill(tiny_disk, 24 * 1024)  # room for the csv and json, not for the plot and the report
+    with pytest.raises(vp.ToolError) as info:
+        vp.write_summaries(out, rows, summary, settings, None)
+    assert "\n" not in str(info.value) and "No space" in str(info.value)
+    assert sorted(p.name for p in out.iterdir()) == []
