@@ -43,6 +43,7 @@ import signal
 import sys
 import tempfile
 import time
+import urllib.parse
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -1089,6 +1090,25 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> 
     return _figure_png(fig)
 
 
+# Characters that would break a line of text: C0 and C1 controls, DEL, the Unicode line and paragraph
+# separators, and lone surrogates (a file name's undecodable bytes, which UTF-8 text cannot hold).
+ONE_LINE_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+ONE_LINE_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0xD800, 0xE000))})
+ONE_LINE_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def one_line(text: str) -> str:
+    """text with those characters written as visible escapes (\\n, \\x1b, \\u2028, \\udcff), so that a
+    file name or an error prints as one line and encodes as UTF-8; other text is unchanged."""
+    return text.translate(ONE_LINE_ESCAPES)
+
+
+def relative_url(path: str) -> str:
+    """A URL for the relative POSIX path: './' and each segment percent-encoded (undecodable bytes as
+    they are on disk), so that no file name can make it absolute, a script, a query or a fragment."""
+    return "./" + "/".join(urllib.parse.quote(os.fsencode(part), safe="") for part in path.split("/"))
+
+
 def _json_for_script(data: object) -> str:
     """JSON safe to embed in an HTML <script> element."""
     return json.dumps(data, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
@@ -1219,7 +1239,7 @@ def explorer_html(
     count_rows = "\n".join(f'<tr><td>{ps} px patches</td><td id="count-{ps}">{counts[ps]}</td></tr>' for ps in sizes)
     scale_options = "".join(f'<option value="{ps}">{ps} px</option>' for ps in sizes)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>APT explorer: {esc(Path(title).name)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>APT explorer: {esc(one_line(Path(title).name))}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 16px; color: #222; }}
 h1 {{ font-size: 20px; margin: 0 0 10px; }}
@@ -1233,8 +1253,8 @@ canvas {{ max-width: 100%; height: auto; border: 1px solid #aaa; image-rendering
 .note {{ font-size: 12px; color: #555; margin-top: 10px; }}
 </style></head>
 <body>
-<h1>APT explorer: {esc(Path(title).name)}</h1>
-<p class="note">{esc(title)}</p>
+<h1>APT explorer: {esc(one_line(Path(title).name))}</h1>
+<p class="note">{esc(one_line(title))}</p>
 <div class="layout">
 <div class="panel">
 {sliders}
@@ -1289,16 +1309,18 @@ def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence
 
     rows: the summary rows; their 'output' is the image's folder relative to the report.
     """
-    esc = html.escape
+    def esc(text: str) -> str:  # a name or message shown as text: one line, HTML-escaped
+        return html.escape(one_line(text))
+
     ok = sorted((r for r in rows if r["status"] in ("ok", "reused")), key=lambda r: r["retained_ratio"])
     failed = [r for r in rows if r["status"] == "failed"]
     body = []
     for r in ok:
         folder = Path(r["output"]).as_posix()
-        thumb = f"{folder}/patches_thumbnail.jpg"
+        thumb = relative_url(f"{folder}/patches_thumbnail.jpg")
         has_picture = r.get("pictures", True)
         view = "explorer.html" if r["kind"] == "image" else "patches_visualization.gif"
-        link = f"{folder}/{view}" if has_picture else f"{folder}/stats.json"
+        link = relative_url(f"{folder}/{view}" if has_picture else f"{folder}/stats.json")
         picture = (f'<a href="{esc(link)}"><img src="{esc(thumb)}" alt="patches of {esc(r["path"])}" '
                    f'width="{THUMBNAIL_WIDTH}"></a>') if has_picture else '<span class="note">stats only</span>'
         cells = [
@@ -1558,7 +1580,7 @@ def encode_csv(rows: Sequence[Mapping], columns: Sequence[str]) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: one_line(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows)
     return buf.getvalue().encode()
 
 
@@ -2826,9 +2848,15 @@ def _log_sink(message: str) -> None:
         sys.stderr.write(message)
 
 
+def _one_line_record(record: dict) -> None:
+    """Every log message one line, whatever file names or exception texts it quotes."""
+    record["message"] = one_line(record["message"])
+
+
 def configure_logging(quiet: bool, verbose: bool) -> None:
     logger.remove()
     level = "ERROR" if quiet else ("DEBUG" if verbose else "INFO")
+    logger.configure(patcher=_one_line_record)
     logger.add(_log_sink, level=level, format="<level>{level: <7}</level> {message}",
                colorize=sys.stderr.isatty())
 
