@@ -1405,8 +1405,10 @@ def load_image(path: Path) -> Image.Image:
     Raises ToolError naming the path for every way a file can fail to be an image.
     """
     check_input_file(path)
+    caught: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.seek(0)
@@ -1420,6 +1422,11 @@ def load_image(path: Path) -> Image.Image:
         raise ToolError(f"{path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ToolError(f"{path}: cannot decode image ({exc})") from None
+    finally:
+        # Pillow warns (e.g. 'Corrupt EXIF data') about metadata it skipped or a file it read in a
+        # fallback way, and decodes the image all the same: one debug line each, naming the file
+        for text in dict.fromkeys(str(w.message).strip() for w in caught):
+            logger.debug(f"{path}: {text}")
     if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         logger.warning(f"{path}: {mode} image; values above 255 clip to white, as in Qwen2-VL's processor")
     return rgb
@@ -2853,12 +2860,19 @@ def _one_line_record(record: dict) -> None:
     record["message"] = one_line(record["message"])
 
 
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings nobody handled where they arose: one log line each, not warnings' two lines."""
+    logger.warning(f"{category.__name__}: {message} ({Path(filename).name}:{lineno})")
+
+
 def configure_logging(quiet: bool, verbose: bool) -> None:
+    """Log lines on stderr; also in worker processes, which are forked after this."""
     logger.remove()
     level = "ERROR" if quiet else ("DEBUG" if verbose else "INFO")
     logger.configure(patcher=_one_line_record)
     logger.add(_log_sink, level=level, format="<level>{level: <7}</level> {message}",
                colorize=sys.stderr.isatty())
+    warnings.showwarning = _log_warning
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,15 @@
-"""Hostile file names: every log line and CSV row stays one line, and report links and thumbnails
-are percent-encoded relative URLs that open the right explorer and run no script."""
+"""Hostile file names and library warnings: every log line and CSV row stays one line, report links
+and thumbnails are percent-encoded relative URLs that open the right explorer and run no script,
+and Python warnings from decoders reach stderr only as one log line naming the file."""
 
 import csv
 import io
 import json
 import os
+import struct
 import unicodedata
 import urllib.parse
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -147,3 +150,44 @@ def test_report_links_and_thumbnails_with_hostile_names(hostile_batch, browser):
         browser.timeout = timeout
     assert landed == {out / n / "explorer.html" for n in NAMES}
     assert browser.console_errors() == []
+
+
+def corrupt_exif_jpeg(path):
+    """A JPEG whose Exif IFD announces 3 entries but ends inside the first: Pillow's 'Corrupt EXIF data'."""
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 3) + struct.pack("<HHII", 274, 3, 1, 1)[:2]
+    rng = np.random.default_rng(7)
+    Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(path, exif=b"Exif\x00\x00" + tiff)
+    with warnings.catch_warnings(record=True) as caught:  # the file does make Pillow warn
+        warnings.simplefilter("always")
+        with Image.open(path) as image:
+            image.getexif()
+    assert any("Corrupt EXIF data" in str(w.message) for w in caught)
+    return path
+
+
+def test_decoder_warning_is_one_debug_line(tmp_path):
+    (tmp_path / "in").mkdir()
+    photo = corrupt_exif_jpeg(tmp_path / "in" / "odd exif.jpg")
+    tiny_png(tmp_path / "in" / "plain.png", 1)  # two images: the batch runs in worker processes
+    runs = {
+        "single": run_cli(photo, "-o", tmp_path / "single", "--stats-only", "-v"),
+        "batch": run_cli(tmp_path / "in", "-o", tmp_path / "batch", "--stats-only", "-v", "--workers", "2",
+                         env=NO_TQDM),
+    }
+    for how, proc in runs.items():
+        assert proc.returncode == 0, (how, proc.stderr)
+        assert "warnings.warn" not in proc.stderr and "UserWarning" not in proc.stderr, (how, proc.stderr)
+        lines = proc.stderr.splitlines()
+        assert all(line.startswith(LEVELS) for line in lines), (how, proc.stderr)
+        exif = [line for line in lines if "EXIF" in line]
+        assert len(exif) == 1 and exif[0].startswith("DEBUG") and "odd exif.jpg" in exif[0], (how, proc.stderr)
+
+
+def test_other_python_warnings_become_one_log_line(capsys):
+    vp.configure_logging(quiet=False, verbose=False)
+    try:
+        warnings.warn("first line\nsecond line", UserWarning)
+    finally:
+        vp.configure_logging(quiet=True, verbose=False)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("WARNING") and "first line\\nsecond line" in err, err
