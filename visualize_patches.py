@@ -57,6 +57,7 @@ import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -1104,6 +1105,25 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> 
     return _figure_png(fig)
 
 
+# Characters that would break a line of text: C0 and C1 controls, DEL, the Unicode line and paragraph
+# separators, and lone surrogates (a file name's undecodable bytes, which UTF-8 text cannot hold).
+ONE_LINE_ESCAPES = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+ONE_LINE_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0xD800, 0xE000))})
+ONE_LINE_ESCAPES.update({ord("\t"): "\\t", ord("\n"): "\\n", ord("\r"): "\\r"})
+
+
+def one_line(text: str) -> str:
+    """text with those characters written as visible escapes (\\n, \\x1b, \\u2028, \\udcff), so that a
+    file name or an error prints as one line and encodes as UTF-8; other text is unchanged."""
+    return text.translate(ONE_LINE_ESCAPES)
+
+
+def relative_url(path: str) -> str:
+    """A URL for the relative POSIX path: './' and each segment percent-encoded (undecodable bytes as
+    they are on disk), so that no file name can make it absolute, a script, a query or a fragment."""
+    return "./" + "/".join(urllib.parse.quote(os.fsencode(part), safe="") for part in path.split("/"))
+
+
 def _json_for_script(data: object) -> str:
     """JSON safe to embed in an HTML <script> element."""
     return json.dumps(data, allow_nan=False, separators=(",", ":")).replace("</", "<\\/")
@@ -1234,7 +1254,7 @@ def explorer_html(
     count_rows = "\n".join(f'<tr><td>{ps} px patches</td><td id="count-{ps}">{counts[ps]}</td></tr>' for ps in sizes)
     scale_options = "".join(f'<option value="{ps}">{ps} px</option>' for ps in sizes)
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>APT explorer: {esc(Path(title).name)}</title>
+<html lang="en"><head><meta charset="utf-8"><title>APT explorer: {esc(one_line(Path(title).name))}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 16px; color: #222; }}
 h1 {{ font-size: 20px; margin: 0 0 10px; }}
@@ -1248,8 +1268,8 @@ canvas {{ max-width: 100%; height: auto; border: 1px solid #aaa; image-rendering
 .note {{ font-size: 12px; color: #555; margin-top: 10px; }}
 </style></head>
 <body>
-<h1>APT explorer: {esc(Path(title).name)}</h1>
-<p class="note">{esc(title)}</p>
+<h1>APT explorer: {esc(one_line(Path(title).name))}</h1>
+<p class="note">{esc(one_line(title))}</p>
 <div class="layout">
 <div class="panel">
 {sliders}
@@ -1304,16 +1324,18 @@ def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence
 
     rows: the summary rows; their 'output' is the image's folder relative to the report.
     """
-    esc = html.escape
+    def esc(text: str) -> str:  # a name or message shown as text: one line, HTML-escaped
+        return html.escape(one_line(text))
+
     ok = sorted((r for r in rows if r["status"] in ("ok", "reused")), key=lambda r: r["retained_ratio"])
     failed = [r for r in rows if r["status"] == "failed"]
     body = []
     for r in ok:
         folder = Path(r["output"]).as_posix()
-        thumb = f"{folder}/patches_thumbnail.jpg"
+        thumb = relative_url(f"{folder}/patches_thumbnail.jpg")
         has_picture = r.get("pictures", True)
         view = "explorer.html" if r["kind"] == "image" else "patches_visualization.gif"
-        link = f"{folder}/{view}" if has_picture else f"{folder}/stats.json"
+        link = relative_url(f"{folder}/{view}" if has_picture else f"{folder}/stats.json")
         picture = (f'<a href="{esc(link)}"><img src="{esc(thumb)}" alt="patches of {esc(r["path"])}" '
                    f'width="{THUMBNAIL_WIDTH}"></a>') if has_picture else '<span class="note">stats only</span>'
         cells = [
@@ -1398,8 +1420,10 @@ def load_image(path: Path) -> Image.Image:
     Raises ToolError naming the path for every way a file can fail to be an image.
     """
     check_input_file(path)
+    caught: list[warnings.WarningMessage] = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.seek(0)
@@ -1413,6 +1437,11 @@ def load_image(path: Path) -> Image.Image:
         raise ToolError(f"{path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ToolError(f"{path}: cannot decode image ({exc})") from None
+    finally:
+        # Pillow warns (e.g. 'Corrupt EXIF data') about metadata it skipped or a file it read in a
+        # fallback way, and decodes the image all the same: one debug line each, naming the file
+        for text in dict.fromkeys(str(w.message).strip() for w in caught):
+            logger.debug(f"{path}: {text}")
     if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         logger.warning(f"{path}: {mode} image; values above 255 clip to white, as in Qwen2-VL's processor")
     return rgb
@@ -1573,7 +1602,7 @@ def encode_csv(rows: Sequence[Mapping], columns: Sequence[str]) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: one_line(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows)
     return buf.getvalue().encode()
 
 
@@ -3039,11 +3068,24 @@ def _log_sink(message: str) -> None:
         sys.stderr.write(message)
 
 
+def _one_line_record(record: dict) -> None:
+    """Every log message one line, whatever file names or exception texts it quotes."""
+    record["message"] = one_line(record["message"])
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Python warnings nobody handled where they arose: one log line each, not warnings' two lines."""
+    logger.warning(f"{category.__name__}: {message} ({Path(filename).name}:{lineno})")
+
+
 def configure_logging(quiet: bool, verbose: bool) -> None:
+    """Log lines on stderr; also in worker processes, which are forked after this."""
     logger.remove()
     level = "ERROR" if quiet else ("DEBUG" if verbose else "INFO")
+    logger.configure(patcher=_one_line_record)
     logger.add(_log_sink, level=level, format="<level>{level: <7}</level> {message}",
                colorize=sys.stderr.isatty())
+    warnings.showwarning = _log_warning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
