@@ -1464,6 +1464,11 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
+def _inside(path: str, folder: str) -> bool:
+    """Whether the real path lies in (or is) the real folder."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def _walk(folder: Path, exclude: Path) -> Iterator[Path]:
     """Files under folder, sorted, skipping hidden entries and the output directory."""
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -1615,12 +1620,80 @@ def write_files(out_dir: Path, files: Mapping[str, bytes]) -> None:
             (staging / name).write_bytes(data)
 
 
-def refuse_overwriting_input(input_path: Path, out_dir: Path, names: Iterable[str]) -> None:
-    """Stop before writing if any output would replace the input file itself."""
-    target = input_path.resolve()
-    for name in names:
-        if (out_dir / name).resolve() == target:
-            raise ToolError(f"{input_path}: is one of the outputs ({name}) in {out_dir}; choose another -o")
+BATCH_FILE_NAMES = ("summary.csv", "summary.json", "summary.png", "report.html")  # as write_summaries
+BATCH_SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")  # batch sweeps always plot
+
+
+def check_write_paths(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions) -> None:
+    """Before anything is written: ToolError unless every path the run writes (each input's
+    output folder and the folders made on the way to it, every file in it, and in batch mode
+    the summaries and sweep files) stays inside out_root, links followed, and is not an input
+    nor (for folders) holds one. Staging folders and temporary files get fresh random names."""
+    out_real = os.path.realpath(out_root)
+    real_folder = functools.lru_cache(maxsize=None)(os.path.realpath)
+    inputs: dict[str, Path] = {}  # real path -> input; a link counts as itself and as its target
+    for job in found.jobs:
+        entry = os.path.join(real_folder(str(job.path.parent)), job.path.name)
+        inputs[entry] = job.path
+        if os.path.islink(entry):
+            inputs[os.path.realpath(entry)] = job.path
+    holders: dict[str, Path] = {}  # every folder above an input -> that input
+    for real, path in inputs.items():
+        folder = os.path.dirname(real)
+        while folder not in holders:
+            holders[folder] = path
+            folder, below = os.path.dirname(folder), folder
+            if folder == below:
+                break
+    resolved: dict[str, str] = {}
+
+    def child(parent: str, name: str) -> str:
+        """parent (real) / name as a real path: one lstat, shared by siblings."""
+        path = os.path.join(parent, name)
+        if path not in resolved:
+            resolved[path] = os.path.realpath(path) if os.path.islink(path) else path
+        return resolved[path]
+
+    def check(real: str, shown: Path, what: str, folder: bool) -> None:
+        if not _inside(real, out_real):
+            raise ToolError(f"{shown}: {what} would be written outside {out_root} through a symbolic link; "
+                            "remove the link or choose another -o")
+        if real in inputs:
+            raise ToolError(f"{inputs[real]}: is one of the outputs ({what}) in {out_root}; choose another -o")
+        if folder and real in holders:
+            raise ToolError(f"{shown}: the {what} would hold the input {holders[real]}; choose another -o")
+
+    def check_names(folder: str, shown: Path, names: Iterable[str], whose: str) -> None:
+        """Only names already there can be an input or a link (one directory read, not a stat per name)."""
+        try:
+            with os.scandir(folder) as it:
+                present = {e.name: e.is_symlink() for e in it}
+        except OSError:  # not there yet (or unreadable: then writing fails with its own one line)
+            return
+        for name in names:
+            if name in present:
+                path = os.path.join(folder, name)
+                check(os.path.realpath(path) if present[name] else path, shown / name, f"{name}{whose}", folder=True)
+
+    names_of = {"image": image_output_names(settings, options), "video": video_output_names(settings, options)}
+    if found.flat:
+        check_names(out_real, out_root, names_of[found.jobs[0].kind], "")
+        return
+    folders = set()
+    for job in found.jobs:
+        real, shown = out_real, out_root
+        parts = Path(job.label).parts
+        for k, part in enumerate(parts):
+            real, shown = child(real, part), shown / part
+            check(real, shown, f"output folder of {job.label}", folder=k == len(parts) - 1)
+        folders.add(real)
+        check_names(real, shown, names_of[job.kind], f" of {job.label}")
+    batch_names = BATCH_FILE_NAMES + (BATCH_SWEEP_NAMES if options.sweep else ())
+    check_names(out_real, out_root, batch_names, "")
+    for name in batch_names:
+        if os.path.join(out_real, name) in folders:
+            raise ToolError(f"{out_root / name}: is both an input's output folder and a batch file; "
+                            "rename that input or choose another -o")
 
 
 def load_processor_settings(path: Path) -> dict:
@@ -1971,7 +2044,6 @@ def run_single_image(job: Job, settings: Settings, options: RenderOptions, devic
                      skip_existing: bool) -> dict:
     """One image from path to files in job.out_dir; returns its stats."""
     check_output_dir(job.out_dir)
-    refuse_overwriting_input(job.path, job.out_dir, image_output_names(settings, options))
     if skip_existing and settings.target_ratio is None:
         reused = reusable_stats(job, settings, options, settings.thresholds)
         if reused is not None:
@@ -2170,9 +2242,6 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
 
     try:
         check_output_dir(out_root)
-        for job in jobs:
-            names = image_output_names if job.kind == "image" else video_output_names
-            refuse_overwriting_input(job.path, job.out_dir, names(settings, options))
         if settings.target_ratio is not None:
             # pass 1: every image's maps, so that one threshold serves the whole set
             for job, outcome in _score_all(jobs, settings, device, executor, progress):
@@ -2542,7 +2611,6 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, device: torc
     sampled frames; pass 2 streams them again to draw the patches. Memory stays bounded
     by one temporal patch (plus the small GIF frames)."""
     check_output_dir(job.out_dir)
-    refuse_overwriting_input(job.path, job.out_dir, video_output_names(settings, options))
     watch = Stopwatch()
     info = probe_video(job.path)
     indices, size = video_plan(info, settings, job.label)
@@ -2844,6 +2912,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             inputs = [str(sample_image_path())]
             logger.info(f"no input given: using matplotlib's sample photo {inputs[0]}")
         found = discover(inputs, args.output)
+        check_write_paths(found, args.output, settings, options)
         if found.flat:
             job = found.jobs[0]
             if job.kind == "video":
