@@ -1495,6 +1495,8 @@ class Discovery:
     jobs: list[Job]
     skipped: int  # files that are neither images nor videos
     flat: bool  # a single file: outputs directly in the output directory
+    failed: list[tuple[str, str]]  # (label, one-line reason): entries found that cannot be read
+    hidden: int  # hidden entries skipped (names starting with "."; a hidden folder counts once)
 
 
 def _glob_root(pattern: str) -> Path:
@@ -1508,14 +1510,92 @@ def _glob_root(pattern: str) -> Path:
     return Path(*fixed) if fixed else Path(".")
 
 
-def _walk(folder: Path, exclude: Path) -> Iterator[Path]:
-    """Files under folder, sorted, skipping hidden entries and the output directory."""
-    for dirpath, dirnames, filenames in os.walk(folder):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != exclude)
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield here / name
+def _inside(path: str, folder: str) -> bool:
+    """Whether the real path lies in (or is) the real folder."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why a symbolic link cannot be followed (one line naming the link), or None."""
+    if not os.path.islink(path):
+        return None
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{path}: symbolic link loop"
+        return f"{path}: cannot follow symbolic link ({exc.strerror or exc})"
+    return None
+
+
+def _walk(folder: Path, exclude: str, failed: list[tuple[Path, str]], hidden: list[Path],
+          above: frozenset[str] = frozenset()) -> Iterator[Path]:
+    """Files under folder, sorted, depth first. Links to files and folders are followed and the
+    paths keep the link's name; a folder link back into a folder being searched (or one in
+    above, real paths) is a loop. Skips the output directory (real path exclude); hidden
+    entries go to hidden (their insides unread), unreadable folders, link loops and broken
+    links to failed as (path, reason)."""
+    stack = [(folder, above | {os.path.realpath(folder)})]  # (folder, real paths of it and its ancestors)
+    while stack:
+        here, ancestors = stack.pop()
+        try:
+            with os.scandir(here) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            failed.append((here, f"{here}: cannot read folder ({exc.strerror or exc})"))
+            continue
+        folders = []
+        for entry in entries:
+            path = here / entry.name
+            if entry.name.startswith("."):
+                hidden.append(path)
+                continue
+            try:
+                is_dir = entry.is_dir()  # follows links; False for broken ones
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                problem = _link_problem(path) if entry.is_symlink() else None
+                if problem is None:
+                    yield path
+                else:
+                    failed.append((path, problem))
+                continue
+            real = os.path.realpath(path)
+            if real == exclude:
+                continue
+            if real in ancestors:
+                failed.append((path, f"{path}: symbolic link loop (leads back to {real})"))
+                continue
+            folders.append((path, ancestors | {real}))
+        stack.extend(reversed(folders))
+
+
+def _loop_on_the_way(path: Path, root: Path, real: Callable[[str], str]) -> tuple[Path | None, frozenset[str]]:
+    """For a folder below root: the first folder on the way down from root (itself included)
+    that leads back to one before it, if any, and the real paths of those folders.
+    glob.glob follows folder links, so a loop yields the same files again and again."""
+    folder, reals = root, {real(str(root))}
+    for part in Path(os.path.relpath(path, root)).parts:
+        folder = folder / part
+        here = real(str(folder))
+        if here in reals:
+            return folder, frozenset(reals)
+        reals.add(here)
+    return None, frozenset(reals)
+
+
+def _keyed(path: Path, root: Path) -> tuple[str, str]:
+    """(key, root key): the input root's real path, and the path below it as found (link names
+    kept, so two links to one file are two inputs). Keys identify inputs and give their labels."""
+    root_key = os.path.realpath(root)
+    relative = os.path.normpath(os.path.relpath(path, root))
+    if relative == os.pardir or relative.startswith(os.pardir + os.sep):  # a glob such as 'a/*/../../x'
+        root_key = os.path.realpath(path.parent)
+        relative = path.name
+    return os.path.join(root_key, relative), root_key
 
 
 def discover(inputs: Sequence[str], out_root: Path) -> Discovery:
@@ -1524,56 +1604,72 @@ def discover(inputs: Sequence[str], out_root: Path) -> Discovery:
     A single existing file keeps the flat layout; anything else gets one
     folder per input mirroring its path (full file name included) relative to
     the inputs' common root. Raises ToolError for inputs that match nothing.
+    Entries that cannot be read (unreadable folders, broken links, link loops)
+    become Discovery.failed rather than errors.
     """
     if len(inputs) == 1 and Path(inputs[0]).is_file():
         path = Path(inputs[0])
-        return Discovery([Job(path, str(path), out_root, kind_of(path) or "image")], 0, True)
-    exclude = out_root.resolve()
-    found: list[tuple[Path, Path, str]] = []  # (file, root, kind)
+        return Discovery([Job(path, str(path), out_root, kind_of(path) or "image")], 0, True, [], 0)
+    exclude = os.path.realpath(out_root)
+    found: list[tuple[Path, str, str, str]] = []  # (file, key, root key, kind)
+    problems: list[tuple[str, str, str]] = []  # (key, root key, reason)
+    hidden: list[Path] = []
     skipped = 0
     for text in inputs:
         path = Path(text)
+        failed: list[tuple[Path, str]] = []
         if path.is_file():
-            found.append((path, path.parent, kind_of(path) or "image"))
-            continue
-        if path.is_dir():
-            if exclude == path.resolve() or exclude in path.resolve().parents:
+            candidates, root = [path], path.parent
+        elif path.is_dir():
+            if _inside(os.path.realpath(path), exclude):
                 raise ToolError(f"{text}: is inside the output directory {out_root}; choose an -o outside it")
-            candidates, root = list(_walk(path, exclude)), path
+            candidates, root = list(_walk(path, exclude, failed, hidden)), path
+            if failed and failed[0][0] == path:  # the folder itself is unreadable: as for a missing one
+                raise ToolError(failed[0][1])
         elif glob.has_magic(text):
             root = _glob_root(text)
             candidates = []
+            real = functools.lru_cache(maxsize=None)(os.path.realpath)
             for match in sorted(glob.glob(text, recursive=True)):
                 m = Path(match)
-                if m.is_dir():
-                    candidates.extend(_walk(m, exclude))
-                elif m.is_file() and not str(m.resolve()).startswith(str(exclude) + os.sep):
+                if _inside(real(match), exclude):
+                    continue  # the outputs are never inputs
+                is_dir = m.is_dir()
+                loop, above = _loop_on_the_way(m if is_dir else m.parent, root, real)
+                if loop is not None:
+                    failed.append((loop, f"{loop}: symbolic link loop (leads back to {real(str(loop))})"))
+                elif is_dir:
+                    candidates.extend(_walk(m, exclude, failed, hidden, above))
+                elif m.is_file():
                     candidates.append(m)
-            if not candidates:
+                elif (problem := _link_problem(m)) is not None:
+                    failed.append((m, problem))
+            if not candidates and not failed:
                 raise ToolError(f"{text}: no files match")
         else:
-            raise ToolError(f"{text}: no such file or directory")
+            raise ToolError(_link_problem(path) or f"{text}: no such file or directory")
         usable = 0
         for candidate in candidates:
             kind = kind_of(candidate)
             if kind is None:
                 skipped += 1
             else:
-                found.append((candidate, root, kind))
+                found.append((candidate, *_keyed(candidate, root), kind))
                 usable += 1
-        if usable == 0:
+        problems += [(*_keyed(p, root), reason) for p, reason in failed]
+        if usable == 0 and not failed:
             raise ToolError(f"{text}: no images or videos found ({len(candidates)} other files skipped)")
-    roots = {root.resolve() for _, root, _ in found}
-    common = Path(os.path.commonpath([str(r) for r in roots]))
+    common = os.path.commonpath([r for _, _, r, _ in found] + [r for _, r, _ in problems])
     jobs, seen = [], set()
-    for path, _, kind in found:
-        resolved = path.resolve()
-        if resolved in seen:
+    for path, key, _, kind in found:
+        if key in seen:
             continue
-        seen.add(resolved)
-        relative = resolved.relative_to(common)
+        seen.add(key)
+        relative = Path(os.path.relpath(key, common))
         jobs.append(Job(path, relative.as_posix(), out_root / relative, kind))
-    return Discovery(jobs, skipped, False)
+    failures = {key: (Path(os.path.relpath(key, common)).as_posix(), reason) for key, _, reason in problems}
+    hidden_keys = {os.path.join(os.path.realpath(p.parent), p.name) for p in hidden}
+    return Discovery(jobs, skipped, False, list(failures.values()), len(hidden_keys))
 
 
 def encode_png(image: Image.Image, compress_level: int = 3) -> bytes:
@@ -1746,12 +1842,81 @@ class OutputLock:
         _remove_empty_folders(self.created)
 
 
-def refuse_overwriting_input(input_path: Path, out_dir: Path, names: Iterable[str]) -> None:
-    """Stop before writing if any output would replace the input file itself."""
-    target = input_path.resolve()
-    for name in names:
-        if (out_dir / name).resolve() == target:
-            raise ToolError(f"{input_path}: is one of the outputs ({name}) in {out_dir}; choose another -o")
+BATCH_FILE_NAMES = ("summary.csv", "summary.json", "summary.png", "report.html")  # as write_summaries
+BATCH_SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")  # batch sweeps always plot
+
+
+def check_write_paths(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions) -> None:
+    """Before anything is written: ToolError unless every path the run writes (each input's
+    output folder and the folders made on the way to it, every file in it, and in batch mode
+    the summaries and sweep files) stays inside out_root, links followed, and is not an input
+    nor (for folders) holds one. Staging folders and temporary files get fresh random names."""
+    out_real = os.path.realpath(out_root)
+    real_folder = functools.lru_cache(maxsize=None)(os.path.realpath)
+    inputs: dict[str, Path] = {}  # real path -> input; a link counts as itself and as its target
+    for job in found.jobs:
+        entry = os.path.join(real_folder(str(job.path.parent)), job.path.name)
+        inputs[entry] = job.path
+        if os.path.islink(entry):
+            inputs[os.path.realpath(entry)] = job.path
+    holders: dict[str, Path] = {}  # every folder above an input -> that input
+    for real, path in inputs.items():
+        folder = os.path.dirname(real)
+        while folder not in holders:
+            holders[folder] = path
+            folder, below = os.path.dirname(folder), folder
+            if folder == below:
+                break
+    resolved: dict[str, str] = {}
+
+    def child(parent: str, name: str) -> str:
+        """parent (real) / name as a real path: one lstat, shared by siblings."""
+        path = os.path.join(parent, name)
+        if path not in resolved:
+            resolved[path] = os.path.realpath(path) if os.path.islink(path) else path
+        return resolved[path]
+
+    def check(real: str, shown: Path, what: str, folder: bool) -> None:
+        if not _inside(real, out_real):
+            raise ToolError(f"{shown}: {what} would be written outside {out_root} through a symbolic link; "
+                            "remove the link or choose another -o")
+        if real in inputs:
+            raise ToolError(f"{inputs[real]}: is one of the outputs ({what}) in {out_root}; choose another -o")
+        if folder and real in holders:
+            raise ToolError(f"{shown}: the {what} would hold the input {holders[real]}; choose another -o")
+
+    def check_names(folder: str, shown: Path, names: Iterable[str], whose: str) -> None:
+        """Only names already there can be an input or a link (one directory read, not a stat per name)."""
+        try:
+            with os.scandir(folder) as it:
+                present = {e.name: e.is_symlink() for e in it}
+        except OSError:  # not there yet (or unreadable: then writing fails with its own one line)
+            return
+        for name in names:
+            if name in present:
+                path = os.path.join(folder, name)
+                check(os.path.realpath(path) if present[name] else path, shown / name, f"{name}{whose}", folder=True)
+
+    names_of = {"image": image_output_names(settings, options), "video": video_output_names(settings, options)}
+    check_names(out_real, out_root, (LOCK_NAME,), "")
+    if found.flat:
+        check_names(out_real, out_root, names_of[found.jobs[0].kind], "")
+        return
+    folders = set()
+    for job in found.jobs:
+        real, shown = out_real, out_root
+        parts = Path(job.label).parts
+        for k, part in enumerate(parts):
+            real, shown = child(real, part), shown / part
+            check(real, shown, f"output folder of {job.label}", folder=k == len(parts) - 1)
+        folders.add(real)
+        check_names(real, shown, names_of[job.kind], f" of {job.label}")
+    batch_names = BATCH_FILE_NAMES + (BATCH_SWEEP_NAMES if options.sweep else ())
+    check_names(out_real, out_root, batch_names, "")
+    for name in batch_names:
+        if os.path.join(out_real, name) in folders:
+            raise ToolError(f"{out_root / name}: is both an input's output folder and a batch file; "
+                            "rename that input or choose another -o")
 
 
 def load_processor_settings(path: Path) -> dict:
@@ -2102,7 +2267,6 @@ def run_single_image(job: Job, settings: Settings, options: RenderOptions, devic
                      skip_existing: bool) -> dict:
     """One image from path to files in job.out_dir; returns its stats."""
     check_output_dir(job.out_dir)
-    refuse_overwriting_input(job.path, job.out_dir, image_output_names(settings, options))
     if skip_existing and settings.target_ratio is None:
         reused = reusable_stats(job, settings, options, settings.thresholds)
         if reused is not None:
@@ -2294,7 +2458,7 @@ def summary_row(job: Job, out_root: Path, stats: Mapping | None, status: str, er
 
 
 def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings, thresholds: Sequence[float],
-              interrupted: bool, pending: int) -> dict:
+              interrupted: bool, pending: int, hidden: int = 0) -> dict:
     """summary.json: counts, token totals and means, retained-ratio statistics, settings."""
     done = [r for r in rows if r["status"] in ("ok", "reused")]
     ratios = np.array([r["retained_ratio"] for r in done], dtype=float)
@@ -2315,6 +2479,7 @@ def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings, thresho
             "failed": sum(r["status"] == "failed" for r in rows), "not_processed": pending,
         },
         "files_skipped": skipped,
+        "hidden_skipped": hidden,
         "interrupted": interrupted,
         "tokens": {
             "vit_patches_uniform_total": totals["uniform_patches"],
@@ -2371,10 +2536,14 @@ class Progress:
 def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, device: torch.device,
               workers: int, skip_existing: bool, show_progress: bool, signals: StopSignals) -> int:
     """Every job, then summaries; exit status 1 when any input failed, 128 + N after signal N."""
-    jobs = found.jobs
+    unreadable = [Job(Path(label), label, out_root / label, "") for label, _ in found.failed]  # kind "": never run
+    jobs = [*unreadable, *found.jobs]
     rows: dict[Job, dict] = {}
+    for job, (_, reason) in zip(unreadable, found.failed):
+        rows[job] = summary_row(job, out_root, None, "failed", reason)
+        logger.error(reason)
     maps_of: dict[Job, list] = {}  # per job: maps of each image / temporal patch (for sweeps and targets)
-    progress = Progress(len(jobs) * (2 if settings.target_ratio is not None else 1), show_progress)
+    progress = Progress(len(found.jobs) * (2 if settings.target_ratio is not None else 1), show_progress)
     executor = Executor(workers if sum(j.kind == "image" for j in jobs) > 1 else 1)
     signals.on_second = executor.kill
     thresholds = settings.thresholds
@@ -2392,9 +2561,6 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
 
     try:
         try:
-            for job in jobs:
-                names = image_output_names if job.kind == "image" else video_output_names
-                refuse_overwriting_input(job.path, job.out_dir, names(settings, options))
             if settings.target_ratio is not None:
                 # pass 1: every image's maps, so that one threshold serves the whole set
                 for job, outcome in _score_all(jobs, settings, device, executor, progress):
@@ -2441,7 +2607,8 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
             if maps_list:
                 sweep = sweep_files(maps_list, settings, None, f"Threshold sweep over {len(ordered)} inputs",
                                     plot=True)
-        summary = summarize(ordered, found.skipped, settings, thresholds, bool(signals.received), pending)
+        summary = summarize(ordered, found.skipped, settings, thresholds, bool(signals.received), pending,
+                            found.hidden)
         write_summaries(out_root, ordered, summary, settings, sweep)
     ok = summary["images"]["ok"] + summary["images"]["reused"]
     logger.info(f"{ok} of {len(jobs)} inputs analysed, {summary['images']['failed']} failed, "
@@ -2784,7 +2951,6 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, device: torc
     sampled frames; pass 2 streams them again to draw the patches. Memory stays bounded
     by one temporal patch (plus the small GIF frames)."""
     check_output_dir(job.out_dir)
-    refuse_overwriting_input(job.path, job.out_dir, video_output_names(settings, options))
     watch = Stopwatch()
     info = probe_video(job.path)
     indices, size = video_plan(info, settings, job.label)
@@ -3108,11 +3274,13 @@ def _main(argv: Sequence[str] | None, signals: StopSignals) -> int:
             inputs = [str(sample_image_path())]
             logger.info(f"no input given: using matplotlib's sample photo {inputs[0]}")
         found = discover(inputs, args.output)
+        check_write_paths(found, args.output, settings, options)
         check_output_dir(args.output)
         with OutputLock(args.output):
             if found.flat:
                 return run_one(found.jobs[0], args, settings, options, device)
-            logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped; "
+            hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
+            logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
                         f"{args.workers} workers, device {device.type}")
             return run_batch(found, args.output, settings, options, device, args.workers, args.skip_existing,
                              show_progress=not args.quiet and len(found.jobs) > 1, signals=signals)

@@ -286,3 +286,13 @@ def test_full_disk_while_writing_summaries_writes_none(tiny_disk, tmp_path):
         vp.write_summaries(out, rows, summary, settings, None)
     assert "\n" not in str(info.value) and "No space" in str(info.value)
     assert sorted(p.name for p in out.iterdir()) == []
+
+
+def test_an_input_named_like_the_lock_file_is_refused(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = out / vp.LOCK_NAME
+    victim.write_bytes(PEARL.read_bytes())
+    proc = run_cli(victim, "-o", out)
+    assert proc.returncode == 1 and "is one of the outputs" in proc.stderr, proc.stderr
+    assert victim.read_bytes() == PEARL.read_bytes()
