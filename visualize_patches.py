@@ -70,6 +70,11 @@ import torch.nn.functional as F
 from loguru import logger
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
+if __name__ == "__main__":
+    # apt_vis imports the core as visualize_patches: let that be this module, not a second copy of it
+    # (whose ToolError, say, would be another class that main() does not catch).
+    sys.modules.setdefault("visualize_patches", sys.modules[__name__])
+
 __version__ = "1.0.0"
 
 # ---------------------------------------------------------------------------
