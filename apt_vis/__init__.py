@@ -1,0 +1,1 @@
+"""Extensions of visualize_patches.py: one module per capability beyond the core pipeline."""
