@@ -30,14 +30,23 @@ import signal
 import sys
 
 if __name__ == "__main__":
-    # Until main() installs its own handlers: a stop signal while the imports below run
-    # (torch alone takes over a second) ends the run with one line instead of a traceback.
+    # Run as a script. Until cli() installs its own handlers, a stop signal while the imports run
+    # (torch alone takes over a second) ends the run with one line instead of a traceback. Then
+    # this file runs as the module `visualize_patches`, so that the apt_vis extensions (which
+    # import visualize_patches) and worker processes all see one module, not a __main__ copy.
+    import importlib.util
+
     def _stop_during_start_up(signum, frame):
         sys.stderr.write(f"ERROR   interrupted ({signal.Signals(signum).name}) during start-up\n")
         os._exit(128 + signum)
 
     for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(_signum, _stop_during_start_up)
+    _spec = importlib.util.spec_from_file_location("visualize_patches", __file__)
+    _core = importlib.util.module_from_spec(_spec)
+    sys.modules["visualize_patches"] = _core
+    _spec.loader.exec_module(_core)
+    sys.exit(_core.cli())
 
 import argparse
 import csv
@@ -58,6 +67,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
@@ -69,11 +79,6 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
-
-if __name__ == "__main__":
-    # apt_vis imports the core as visualize_patches: let that be this module, not a second copy of it
-    # (whose ToolError, say, would be another class that main() does not catch).
-    sys.modules.setdefault("visualize_patches", sys.modules[__name__])
 
 __version__ = "1.0.0"
 
@@ -1642,7 +1647,7 @@ def check_write_paths(found: Discovery, out_root: Path, settings: Settings, opti
                 path = os.path.join(folder, name)
                 check(os.path.realpath(path) if present[name] else path, shown / name, f"{name}{whose}", folder=True)
 
-    names_of = {"image": image_output_names(settings, options), "video": video_output_names(settings, options)}
+    names_of = {kind: output_names(kind, settings, options) for kind in ("image", "video")}
     check_names(out_real, out_root, (LOCK_NAME,), "")
     if found.flat:
         check_names(out_real, out_root, names_of[found.jobs[0].kind], "")
@@ -1744,37 +1749,50 @@ def prepare_image(job: Job, settings: Settings, pictures: bool) -> Prepared:
     return Prepared(job, (original.width, original.height), resized, jpeg, preview, watch.ms)
 
 
-def compute_maps(
-    images: Sequence[np.ndarray], settings: Settings, device: torch.device
-) -> list[dict[int, np.ndarray]]:
-    """Importance maps of several (H, W, 3) uint8 images, or (T, H, W, 3) tubes, as numpy.
+class Scorer:
+    """Where importance maps are computed, chosen once from --device.
 
-    On CUDA, inputs of equal shape are scored together, CUDA_BATCH at a time;
-    results are the same as one by one. This is the one crossing to numpy.
+    cpu: in the process that needs them, one input at a time (batch workers score their own
+    inputs). cuda: in the main process, inputs of one shape CUDA_BATCH at a time, while the
+    workers decode and write. The maps are the same either way (tested).
     """
-    tokenizer = PatchTokenizer(
-        num_scales=settings.num_scales, base_patch_size=settings.patch_size, thresholds=settings.thresholds,
-        mean=settings.image_mean, std=settings.image_std, method=settings.method, aggregate=settings.aggregate,
-    )
-    batch = CUDA_BATCH if device.type == "cuda" else 1
-    results: list[dict[int, np.ndarray] | None] = [None] * len(images)
-    by_shape: dict[tuple, list[int]] = {}
-    for k, image in enumerate(images):
-        by_shape.setdefault(image.shape, []).append(k)
-    for indices in by_shape.values():
-        for start in range(0, len(indices), batch):
-            chunk = indices[start:start + batch]
-            stacked = np.stack([images[k] if images[k].ndim == 4 else images[k][None] for k in chunk])
-            # (B, T, H, W, 3) -> (B, T, 3, H, W); the normalise-and-round trip of
-            # compute_importance_maps returns these same uint8 values (tested), so skip it
-            tensor = torch.from_numpy(stacked).to(device).permute(0, 1, 4, 2, 3)
-            maps = tokenizer.importance_from_uint8(tensor)
-            arrays = {ps: m.cpu().numpy() for ps, m in maps.items()}
-            for j, k in enumerate(chunk):
-                # copies in numpy's own memory: holding many small torch-allocated buffers
-                # fragments the heap (measured: +260 MB over a 600-frame video)
-                results[k] = {ps: a[j].copy() for ps, a in arrays.items()}
-    return results  # type: ignore[return-value]
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self.batch = CUDA_BATCH if device == "cuda" else 1
+
+    @property
+    def in_workers(self) -> bool:
+        return self.device == "cpu"
+
+    def maps(self, images: Sequence[np.ndarray], settings: Settings) -> list[dict[int, np.ndarray]]:
+        """Importance maps of several (H, W, 3) uint8 images, or (T, H, W, 3) tubes, as numpy.
+        Inputs of equal shape are scored together, self.batch at a time. The one crossing to numpy."""
+        tokenizer = PatchTokenizer(
+            num_scales=settings.num_scales, base_patch_size=settings.patch_size, thresholds=settings.thresholds,
+            mean=settings.image_mean, std=settings.image_std, method=settings.method, aggregate=settings.aggregate,
+        )
+        results: list[dict[int, np.ndarray] | None] = [None] * len(images)
+        by_shape: dict[tuple, list[int]] = {}
+        for k, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(k)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch):
+                chunk = indices[start:start + self.batch]
+                stacked = np.stack([images[k] if images[k].ndim == 4 else images[k][None] for k in chunk])
+                # (B, T, H, W, 3) -> (B, T, 3, H, W); the normalise-and-round trip of
+                # compute_importance_maps returns these same uint8 values (tested), so skip it
+                tensor = torch.from_numpy(stacked).to(self.device).permute(0, 1, 4, 2, 3)
+                maps = tokenizer.importance_from_uint8(tensor)
+                arrays = {ps: m.cpu().numpy() for ps, m in maps.items()}
+                for j, k in enumerate(chunk):
+                    # copies in numpy's own memory: holding many small torch-allocated buffers
+                    # fragments the heap (measured: +260 MB over a 600-frame video)
+                    results[k] = {ps: a[j].copy() for ps, a in arrays.items()}
+        return results  # type: ignore[return-value]
+
+
+CPU = Scorer("cpu")
 
 
 def compute_masks(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> dict[int, np.ndarray]:
@@ -1813,13 +1831,23 @@ class ImageResult:
     prepared: Prepared
     maps: dict[int, np.ndarray]  # patch size -> (rows, cols) float64, NaN = padded
     masks: dict[int, np.ndarray]  # patch size -> (rows, cols) bool, chosen patches
-    thresholds: tuple[float, ...]  # the thresholds actually used
+    settings: Settings  # thresholds final (after --target-ratio)
     device: str
 
 
+@dataclass
+class Outcome:
+    """What one input's run gives back: its stats.json record and its maps (one per image or
+    temporal patch, for sweeps and --target-ratio; empty when reused)."""
+
+    stats: dict
+    maps: list[dict[int, np.ndarray]]
+    reused: bool = False
+
+
 def stats_record(label: str, kind: str, original_size: Sequence[int], resized_hw: tuple[int, int],
-                 settings: Settings, thresholds: Sequence[float], counts: Mapping[int, int], uniform: int,
-                 device: str, timings: Mapping[str, float]) -> dict:
+                 settings: Settings, counts: Mapping[int, int], uniform: int, device: str,
+                 timings: Mapping[str, float]) -> dict:
     """The stats.json keys shared by images and videos. counts: patches per size; uniform:
     patches without APT (for a video, over all its temporal patches)."""
     height, width = resized_hw
@@ -1832,7 +1860,7 @@ def stats_record(label: str, kind: str, original_size: Sequence[int], resized_hw
         "patch_size": settings.patch_size,
         "merge_size": settings.merge_size,
         "temporal_patch_size": settings.temporal_patch_size,
-        "thresholds": list(thresholds),
+        "thresholds": list(settings.thresholds),
         "patch_sizes": list(settings.patch_sizes),
         "patches_per_scale": {str(ps): n for ps, n in sorted(counts.items())},
         "apt_patches": apt,
@@ -1842,17 +1870,17 @@ def stats_record(label: str, kind: str, original_size: Sequence[int], resized_hw
         "method": settings.method,
         "target_ratio": settings.target_ratio,
         "device": device,
-        "settings": {**settings.record(), "thresholds": list(thresholds)},
+        "settings": settings.record(),
         "timings_ms": {k: round(v, 1) for k, v in timings.items()},
     }
 
 
-def image_stats(result: ImageResult, settings: Settings) -> dict:
+def image_stats(result: ImageResult) -> dict:
     """The stats.json record of one image."""
-    p = result.prepared
+    p, settings = result.prepared, result.settings
     height, width = p.resized.shape[:2]
     uniform = (height // settings.patch_size) * (width // settings.patch_size)
-    return stats_record(p.job.label, "image", p.original_size, (height, width), settings, result.thresholds,
+    return stats_record(p.job.label, "image", p.original_size, (height, width), settings,
                         patch_counts(result.masks), uniform, result.device, p.timings)
 
 
@@ -1864,14 +1892,23 @@ def overlay_name(patch_size: int) -> str:
     return f"importance_overlay_scale_{patch_size}.png"
 
 
-def image_output_names(settings: Settings, options: RenderOptions) -> list[str]:
+IMAGE_PICTURES = ("patches_visualization.jpg", "patches_thumbnail.jpg", "original_image.jpg", "resized_image.jpg",
+                  "explorer.html", "summary_panel.png")
+VIDEO_PICTURES = ("patches_visualization.mp4", "patches_visualization.gif", "patches_thumbnail.jpg")
+SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")
+
+
+def output_names(kind: str, settings: Settings, options: RenderOptions) -> list[str]:
+    """Every file one input ('image' or 'video') writes into its folder: the one registry."""
     names = ["stats.json", "importance_maps.npz"]
     if not options.stats_only:
-        names += [heatmap_name(ps) for ps in settings.patch_sizes] + [overlay_name(ps) for ps in settings.patch_sizes]
-        names += ["patches_visualization.jpg", "patches_thumbnail.jpg", "original_image.jpg", "resized_image.jpg",
-                  "explorer.html", "summary_panel.png"]
+        if kind == "video":
+            names += [*VIDEO_PICTURES, *(f"importance_map_scale_{ps}.mp4" for ps in settings.patch_sizes)]
+        else:
+            names += [heatmap_name(ps) for ps in settings.patch_sizes] + [overlay_name(ps) for ps in settings.patch_sizes]
+            names += IMAGE_PICTURES
     if options.sweep:
-        names += ["threshold_sweep.csv"] + ([] if options.stats_only else ["threshold_sweep.png"])
+        names += SWEEP_NAMES[:1] if options.stats_only else SWEEP_NAMES
     return names
 
 
@@ -1885,10 +1922,10 @@ SWEEP_COLUMNS_FIXED = ("threshold", "apt_patches", "retained_ratio")
 
 
 def sweep_files(
-    maps_list: Sequence[Mapping[int, np.ndarray]], settings: Settings, current: tuple[Sequence[float], int] | None,
-    title: str, plot: bool,
+    maps_list: Sequence[Mapping[int, np.ndarray]], settings: Settings, current: int | None, title: str, plot: bool,
 ) -> dict[str, bytes]:
-    """threshold_sweep.csv (and .png): counts against one threshold shared by all scales."""
+    """threshold_sweep.csv (and .png): counts against one threshold shared by all scales.
+    current: the run's own APT patch count at settings.thresholds, marked on the plot."""
     counts = SharedThresholdCounts.from_maps(maps_list)
     thresholds = sweep_thresholds(counts)
     per_scale = counts.counts(thresholds)
@@ -1901,25 +1938,25 @@ def sweep_files(
     files = {"threshold_sweep.csv": encode_csv(rows, columns)}
     if plot:
         label = SCORERS[settings.method][1]
-        files["threshold_sweep.png"] = render_sweep_plot(table, counts.patch_sizes, counts.uniform, current, label, title)
+        marked = None if current is None else (settings.thresholds, current)
+        files["threshold_sweep.png"] = render_sweep_plot(table, counts.patch_sizes, counts.uniform, marked, label, title)
     return files
 
 
-def image_files(result: ImageResult, stats: Mapping, settings: Settings, options: RenderOptions) -> dict[str, bytes]:
+def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> dict[str, bytes]:
     """All per-image outputs, encoded, keyed by file name."""
-    p = result.prepared
+    p, settings = result.prepared, result.settings
     files: dict[str, bytes] = {"importance_maps.npz": maps_npz(result.maps, result.masks)}
     counts = patch_counts(result.masks)
     if options.sweep:
-        current = (result.thresholds, sum(counts.values()))
-        files.update(sweep_files([result.maps], settings, current, f"Threshold sweep: {Path(p.job.label).name}",
-                                 plot=not options.stats_only))
+        files.update(sweep_files([result.maps], settings, sum(counts.values()),
+                                 f"Threshold sweep: {Path(p.job.label).name}", plot=not options.stats_only))
     if options.stats_only:
         return files
     label = SCORERS[settings.method][1]
     sizes = settings.patch_sizes
     for i, ps in enumerate(sizes):
-        threshold = result.thresholds[i - 1] if i >= 1 else None
+        threshold = settings.thresholds[i - 1] if i >= 1 else None
         files[heatmap_name(ps)] = encode_png(render_heatmap(result.maps[ps], ps, p.resized.shape[:2], threshold,
                                                             counts[ps], label))
         files[overlay_name(ps)] = encode_png(render_importance_overlay(p.resized, result.maps[ps], ps, label),
@@ -1935,12 +1972,12 @@ def image_files(result: ImageResult, stats: Mapping, settings: Settings, options
     resized_jpeg = encode_jpeg(Image.fromarray(p.resized))
     files["resized_image.jpg"] = resized_jpeg
     files["explorer.html"] = extension("pages").explorer_html(
-        p.job.label, resized_jpeg, result.maps, result.thresholds, counts, stats["uniform_patches"],
+        p.job.label, resized_jpeg, result.maps, settings.thresholds, counts, stats["uniform_patches"],
         stats["qwen2vl_tokens"], label, options,
     ).encode()
     lines = [
         f"original {p.original_size[0]} x {p.original_size[1]} -> resized {p.resized.shape[1]} x {p.resized.shape[0]}",
-        f"method {settings.method}, thresholds {', '.join(f'{t:g}' for t in result.thresholds)}",
+        f"method {settings.method}, thresholds {', '.join(f'{t:g}' for t in settings.thresholds)}",
         *(f"  {ps:>4} px patches: {n}" for ps, n in counts.items()),
         f"APT patches: {stats['apt_patches']} of {stats['uniform_patches']} uniform",
         f"retained ratio: {stats['retained_ratio']:.4f} ({stats['retained_ratio']:.1%})",
@@ -1954,11 +1991,11 @@ def image_files(result: ImageResult, stats: Mapping, settings: Settings, options
     return files
 
 
-def finish_image(result: ImageResult, settings: Settings, options: RenderOptions) -> dict:
+def finish_image(result: ImageResult, options: RenderOptions) -> dict:
     """Render and write one image's outputs (worker-safe: numpy, PIL, matplotlib only)."""
     watch = Stopwatch()
-    stats = image_stats(result, settings)
-    files = image_files(result, stats, settings, options)
+    stats = image_stats(result)
+    files = image_files(result, stats, options)
     watch.lap("render")
     stats["timings_ms"]["render"] = round(watch.ms["render"], 1)
     stats["timings_ms"]["total"] = round(sum(v for k, v in stats["timings_ms"].items() if k != "total"), 1)
@@ -1967,71 +2004,63 @@ def finish_image(result: ImageResult, settings: Settings, options: RenderOptions
     return stats
 
 
-def reusable_stats(job: Job, settings: Settings, options: RenderOptions,
-                   thresholds: Sequence[float]) -> dict | None:
+def reusable_stats(job: Job, settings: Settings, options: RenderOptions) -> dict | None:
     """The stats of an earlier run of the same settings whose outputs are all there, else None."""
-    path = job.out_dir / "stats.json"
     try:
-        stats = json.loads(path.read_text())
+        stats = json.loads((job.out_dir / "stats.json").read_text())
     except (OSError, ValueError):
         return None
-    expected = {**settings.record(), "thresholds": list(thresholds)}
-    if not isinstance(stats, dict) or stats.get("settings") != expected:
+    if not isinstance(stats, dict) or stats.get("settings") != settings.record():
         return None
-    names = image_output_names(settings, options) if job.kind == "image" else video_output_names(settings, options)
-    if not all((job.out_dir / name).exists() for name in names):
+    if not all((job.out_dir / name).exists() for name in output_names(job.kind, settings, options)):
         return None
     return stats
 
 
-def thresholds_for(settings: Settings, maps_list: Sequence[Mapping[int, np.ndarray]]) -> tuple[float, ...]:
-    """The run's thresholds: as given, or one shared value for --target-ratio."""
-    if settings.target_ratio is None:
-        return settings.thresholds
+def resolve_thresholds(settings: Settings, maps_list: Sequence[Mapping[int, np.ndarray]]) -> Settings:
+    """The settings with final thresholds: for --target-ratio, one shared threshold chosen over
+    all the given maps (one per image or temporal patch); otherwise unchanged. Done once per run."""
+    if settings.target_ratio is None or not maps_list:
+        return settings
     counts = SharedThresholdCounts.from_maps(maps_list)
     threshold, _ = choose_shared_threshold(counts, settings.target_ratio)
-    return (threshold,) * (settings.num_scales - 1)
+    return replace(settings, thresholds=(threshold,) * (settings.num_scales - 1))
 
 
-def process_image(job: Job, settings: Settings, options: RenderOptions, thresholds: Sequence[float] | None,
-                  known_maps: list | None = None) -> tuple[dict, list[dict[int, np.ndarray]]]:
-    """One image from file to outputs on the CPU: (stats, [maps]). thresholds None: the
-    image's own --target-ratio choice. Worker-safe."""
+def analyse(prepared: Prepared, maps: Mapping[int, np.ndarray], settings: Settings, device: str) -> ImageResult:
+    """The APT choice for one scored image, at the settings' (final) thresholds."""
+    return ImageResult(prepared, dict(maps), compute_masks(maps, settings.thresholds), settings, device)
+
+
+def score_input(job: Job, settings: Settings, scorer: Scorer = CPU) -> list[dict[int, np.ndarray]]:
+    """An input's maps, one per image or temporal patch (pass 1 of --target-ratio)."""
+    if job.kind == "video":
+        return video_tube_maps(job, settings, scorer)
+    prepared = prepare_image(job, settings, pictures=False)
+    maps = scorer.maps([prepared.resized], settings)
+    release_free_memory()
+    return maps
+
+
+def run_input(job: Job, settings: Settings, options: RenderOptions, scorer: Scorer = CPU,
+              skip_existing: bool = False, maps: list | None = None, show_progress: bool = False) -> Outcome:
+    """One input from file to outputs in this process: the per-input pipeline of a single run
+    and of every batch worker. settings' thresholds are final; maps: known from pass 1."""
+    if skip_existing:
+        reused = reusable_stats(job, settings, options)
+        if reused is not None:
+            logger.debug(f"{job.label}: outputs of the same settings exist, reused (--skip-existing)")
+            return Outcome(reused, [], reused=True)
+    if job.kind == "video":
+        return run_video(job, settings, options, scorer, maps, show_progress)
     prepared = prepare_image(job, settings, pictures=not options.stats_only)
     watch = Stopwatch()
-    maps = known_maps[0] if known_maps else compute_maps([prepared.resized], settings, torch.device("cpu"))[0]
-    chosen = tuple(thresholds) if thresholds is not None else thresholds_for(settings, [maps])
-    masks = compute_masks(maps, chosen)
+    image_maps = maps[0] if maps else scorer.maps([prepared.resized], settings)[0]
+    result = analyse(prepared, image_maps, settings, scorer.device)
     release_free_memory()
     watch.lap("importance")
     prepared.timings.update(watch.ms)
-    return finish_image(ImageResult(prepared, maps, masks, chosen, "cpu"), settings, options), [maps]
-
-
-def run_single_image(job: Job, settings: Settings, options: RenderOptions, device: torch.device,
-                     skip_existing: bool) -> dict:
-    """One image from path to files in job.out_dir; returns its stats."""
-    check_output_dir(job.out_dir)
-    if skip_existing and settings.target_ratio is None:
-        reused = reusable_stats(job, settings, options, settings.thresholds)
-        if reused is not None:
-            logger.info(f"{job.label}: outputs of the same settings exist, skipped (--skip-existing)")
-            return reused
-    prepared = prepare_image(job, settings, pictures=not options.stats_only)
-    logger.info(f"{job.label}: {prepared.original_size[0]}x{prepared.original_size[1]} -> "
-                f"{prepared.resized.shape[1]}x{prepared.resized.shape[0]}")
-    watch = Stopwatch()
-    maps = compute_maps([prepared.resized], settings, device)[0]
-    thresholds = thresholds_for(settings, [maps])
-    masks = compute_masks(maps, thresholds)
-    watch.lap("importance")
-    prepared.timings.update(watch.ms)
-    if skip_existing and settings.target_ratio is not None:
-        reused = reusable_stats(job, settings, options, thresholds)
-        if reused is not None:
-            logger.info(f"{job.label}: outputs of the same settings exist, skipped (--skip-existing)")
-            return reused
-    return finish_image(ImageResult(prepared, maps, masks, thresholds, device.type), settings, options)
+    return Outcome(finish_image(result, options), [image_maps])
 
 
 # --- batch -------------------------------------------------------------------
@@ -2050,9 +2079,11 @@ WORKER_WATCH_SECONDS = 0.5  # how often a worker checks that its parent is alive
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _die_with_parent(parent: int) -> None:
-    """End this worker when the parent process dies, however it dies (SIGKILL included):
-    the kernel's parent-death signal where there is one, and a watchdog thread everywhere."""
+def _die_with_parent() -> None:
+    """End this worker when its parent process dies, however it dies (SIGKILL included):
+    the kernel's parent-death signal where there is one, and a watchdog thread everywhere.
+    (The parent is multiprocessing's fork server, which exits when the main process does.)"""
+    parent = os.getppid()
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -2063,15 +2094,17 @@ def _die_with_parent(parent: int) -> None:
             time.sleep(WORKER_WATCH_SECONDS)
         os._exit(EXIT_FAILURE)
 
-    if os.getppid() != parent:  # the parent died before the line above
+    if os.getppid() != parent or parent == 1:  # the parent died before the lines above
         os._exit(EXIT_FAILURE)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _worker_init(parent: int) -> None:
-    for signum in STOP_SIGNALS:  # the parent decides when to stop, and stops its workers itself
+def _worker_init(log_level: str | None) -> None:
+    for signum in STOP_SIGNALS:  # the main process decides when to stop, and stops its workers itself
         signal.signal(signum, signal.SIG_IGN)
-    _die_with_parent(parent)
+    _die_with_parent()
+    if log_level is not None:  # this process is the tool's own: log as the main process does
+        configure_logging(log_level)
     torch.set_num_threads(1)  # the workers are the parallelism
 
 
@@ -2133,8 +2166,12 @@ class Executor:
         self.pool = None
         self.inflight: dict[Future, Job | None] = {}
         if workers > 1:
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=_worker_init, initargs=(os.getpid(),))
+            # Workers are forked from multiprocessing's fork server, never from this process,
+            # which may have started threads (torch, CUDA, tqdm) that a fork does not carry over.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
+                                            initargs=(LOG_LEVEL[0],))
 
     def submit(self, fn: Callable, *args, job: Job | None = None) -> Future:
         """fn(*args); `job` marks a task whose success means that job's outputs are complete."""
@@ -2202,7 +2239,7 @@ def summary_row(job: Job, out_root: Path, stats: Mapping | None, status: str, er
     return row
 
 
-def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings, thresholds: Sequence[float],
+def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings,
               interrupted: bool, pending: int, hidden: int = 0) -> dict:
     """summary.json: counts, token totals and means, retained-ratio statistics, settings."""
     done = [r for r in rows if r["status"] in ("ok", "reused")]
@@ -2236,9 +2273,9 @@ def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings, thresho
             "saved_fraction": 1 - totals["apt_patches"] / max(1, totals["uniform_patches"]),
         },
         "retained_ratio": ratio_stats,
-        "thresholds": list(thresholds),
+        "thresholds": list(settings.thresholds),
         "target_ratio": settings.target_ratio,
-        "settings": {**settings.record(), "thresholds": list(thresholds)},
+        "settings": settings.record(),
         "failures": [{"path": r["path"], "error": r["error"]} for r in rows if r["status"] == "failed"],
     }
 
@@ -2262,12 +2299,12 @@ def write_summaries(out_root: Path, rows: Sequence[Mapping], summary: Mapping, s
 class Progress:
     """A tqdm bar on stderr for batches, silent otherwise."""
 
-    def __init__(self, total: int, enabled: bool, unit: str = "file"):
+    def __init__(self, total: int, enabled: bool, desc: str | None = None, unit: str = "file"):
         self.bar = None
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -2278,7 +2315,7 @@ class Progress:
             self.bar.close()
 
 
-def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, device: torch.device,
+def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, scorer: Scorer,
               workers: int, skip_existing: bool, show_progress: bool, signals: StopSignals) -> int:
     """Every job, then summaries; exit status 1 when any input failed, 128 + N after signal N."""
     unreadable = [Job(Path(label), label, out_root / label, "") for label, _ in found.failed]  # kind "": never run
@@ -2288,44 +2325,39 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
         rows[job] = summary_row(job, out_root, None, "failed", reason)
         logger.error(reason)
     maps_of: dict[Job, list] = {}  # per job: maps of each image / temporal patch (for sweeps and targets)
-    progress = Progress(len(found.jobs) * (2 if settings.target_ratio is not None else 1), show_progress)
-    executor = Executor(workers if sum(j.kind == "image" for j in jobs) > 1 else 1)
+    executor = Executor(workers if len(found.jobs) > 1 else 1)
     signals.on_second = executor.kill
-    thresholds = settings.thresholds
-
-    def fail(job: Job, exc: BaseException) -> None:
-        rows[job] = summary_row(job, out_root, None, "failed", failure_text(exc))
-        logger.error(failure_text(exc) if isinstance(exc, ToolError) else f"{job.label}: {failure_text(exc)}")
+    progress = Progress(0, False)
 
     def record(job: Job, outcome: object) -> None:
+        if isinstance(outcome, BrokenProcessPool) and signals.received:
+            return  # its worker was stopped by the signal: not processed
         if isinstance(outcome, BaseException):
-            fail(job, outcome)
+            rows[job] = summary_row(job, out_root, None, "failed", failure_text(outcome))
+            logger.error(failure_text(outcome) if isinstance(outcome, ToolError)
+                         else f"{job.label}: {failure_text(outcome)}")
         else:
-            stats = outcome[0] if isinstance(outcome, tuple) else outcome  # process_image: (stats, maps)
-            rows[job] = summary_row(job, out_root, stats, "ok", pictures=not options.stats_only)
+            rows[job] = summary_row(job, out_root, outcome.stats, "reused" if outcome.reused else "ok",
+                                    pictures=not options.stats_only)
+            maps_of.setdefault(job, outcome.maps)
 
     try:
         try:
             if settings.target_ratio is not None:
-                # pass 1: every image's maps, so that one threshold serves the whole set
-                for job, outcome in _score_all(jobs, settings, device, executor, progress):
+                # pass 1: every input's maps, so that one threshold serves the whole set
+                progress = Progress(len(found.jobs), show_progress, "scoring")
+                for job, outcome in _score_all(found.jobs, settings, scorer, executor, progress):
                     if isinstance(outcome, BaseException):
-                        fail(job, outcome)
+                        record(job, outcome)
                     else:
                         maps_of[job] = outcome
-                if maps_of:
-                    thresholds = thresholds_for(settings, [m for ms in maps_of.values() for m in ms])
-                    logger.info(f"target ratio {settings.target_ratio:g}: shared threshold {thresholds[0]!r}")
-            todo = [j for j in jobs if j not in rows]
-            if skip_existing:
-                for job in todo:
-                    stats = reusable_stats(job, settings, options, thresholds)
-                    if stats is not None:
-                        rows[job] = summary_row(job, out_root, stats, "reused", pictures=not options.stats_only)
-                        progress.update()
-                todo = [j for j in todo if j not in rows]
-            for job, outcome in _process_all(todo, settings, options, device, executor, thresholds, maps_of,
-                                             progress):
+                progress.close()
+                settings = resolve_thresholds(settings, [m for ms in maps_of.values() for m in ms])
+                logger.info(f"target ratio {settings.target_ratio:g}: shared threshold {settings.thresholds[0]!r}")
+            todo = [j for j in found.jobs if j not in rows]
+            progress = Progress(len(todo), show_progress, "writing" if settings.target_ratio is not None else None)
+            for job, outcome in _process_all(todo, settings, options, scorer, executor, progress, maps_of,
+                                             skip_existing):
                 record(job, outcome)
         except KeyboardInterrupt:
             logger.error(f"interrupted ({signals.name}): finishing the inputs in progress, then writing the "
@@ -2352,8 +2384,7 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
             if maps_list:
                 sweep = sweep_files(maps_list, settings, None, f"Threshold sweep over {len(ordered)} inputs",
                                     plot=True)
-        summary = summarize(ordered, found.skipped, settings, thresholds, bool(signals.received), pending,
-                            found.hidden)
+        summary = summarize(ordered, found.skipped, settings, bool(signals.received), pending, found.hidden)
         write_summaries(out_root, ordered, summary, settings, sweep)
     ok = summary["images"]["ok"] + summary["images"]["reused"]
     logger.info(f"{ok} of {len(jobs)} inputs analysed, {summary['images']['failed']} failed, "
@@ -2417,88 +2448,81 @@ def _ordered_map(executor: Executor, fn: Callable, calls: Sequence[tuple[Job, tu
         executor.forget(future)  # only once the caller has recorded it
 
 
-def score_image(job: Job, settings: Settings) -> list[dict[int, np.ndarray]]:
-    """An image's maps on the CPU (a worker's whole task in pass 1 of --target-ratio)."""
-    prepared = prepare_image(job, settings, pictures=False)
-    maps = compute_maps([prepared.resized], settings, torch.device("cpu"))
-    release_free_memory()
-    return maps
-
-
-def _score_all(jobs, settings, device, executor, progress) -> Iterator[tuple[Job, list | BaseException]]:
-    """Pass 1 of --target-ratio: maps of every input."""
-    images = [j for j in jobs if j.kind == "image"]
+def _score_all(jobs: Sequence[Job], settings: Settings, scorer: Scorer, executor: Executor,
+               progress: Progress) -> Iterator[tuple[Job, list | BaseException]]:
+    """Pass 1 of --target-ratio: (job, its maps or the exception raised), for every input.
+    CPU: each worker scores its inputs. CUDA: workers decode, this process scores."""
     window = 2 * executor.workers
-    if device.type == "cpu":
-        for job, outcome in _ordered_map(executor, score_image, [(j, (j, settings)) for j in images], window):
+    if scorer.in_workers:
+        calls = [(j, (j, settings)) for j in jobs]
+        for job, outcome in _ordered_map(executor, score_input, calls, window):
             progress.update()
             yield job, outcome
-    else:
-        calls = [(j, (j, settings, False)) for j in images]
-        for job, prepared in _ordered_map(executor, prepare_image, calls, window + CUDA_BATCH):
-            progress.update()
-            if isinstance(prepared, BaseException):
-                yield job, prepared
-            else:
-                yield job, compute_maps([prepared.resized], settings, device)
+        return
+    calls = [(j, (j, settings, False)) for j in jobs if j.kind == "image"]
+    for job, prepared in _ordered_map(executor, prepare_image, calls, window + CUDA_BATCH):
+        progress.update()
+        yield job, prepared if isinstance(prepared, BaseException) else _outcome(
+            functools.partial(scorer.maps, [prepared.resized], settings))
     for job in (j for j in jobs if j.kind == "video"):
         progress.update()
-        try:
-            yield job, video_tube_maps(job, settings, device)
-        except (ToolError, OSError, ValueError) as exc:
-            yield job, exc
+        yield job, _outcome(functools.partial(score_input, job, settings, scorer))
 
 
-def _process_all(jobs, settings, options, device, executor, thresholds, maps_of, progress):
-    """Pass 2. On the CPU each worker takes an image from file to outputs; on CUDA, workers
-    decode, render and write while this process scores images of one size together."""
-    images = [j for j in jobs if j.kind == "image"]
-    window = 2 * executor.workers
-    if device.type == "cpu":
-        calls = [(j, (j, settings, options, thresholds, maps_of.get(j))) for j in images]
-        for job, outcome in _ordered_map(executor, process_image, calls, window, final=True):
+def _process_all(jobs: Sequence[Job], settings: Settings, options: RenderOptions, scorer: Scorer,
+                 executor: Executor, progress: Progress, known: Mapping[Job, list],
+                 skip_existing: bool) -> Iterator[tuple[Job, Outcome | BaseException]]:
+    """Pass 2: (job, its Outcome or the exception raised), for every input. CPU: each worker
+    takes an input from file to outputs (run_input). CUDA: workers decode, render and write
+    images while this process scores them in batches; videos run here."""
+    if scorer.in_workers:
+        calls = [(j, (j, settings, options, CPU, skip_existing, known.get(j))) for j in jobs]
+        for job, outcome in _ordered_map(executor, run_input, calls, 2 * executor.workers, final=True):
             progress.update()
-            if isinstance(outcome, BaseException):
-                yield job, outcome
-            else:
-                stats, maps = outcome
-                maps_of.setdefault(job, maps)
-                yield job, stats
-    else:
-        yield from _process_on_cuda(images, settings, options, device, executor, thresholds, maps_of, progress)
+            yield job, outcome
+        return
+    yield from _images_on_cuda([j for j in jobs if j.kind == "image"], settings, options, scorer, executor,
+                               progress, known, skip_existing)
     for job in (j for j in jobs if j.kind == "video"):
-        try:
-            yield job, run_video(job, settings, options, device, thresholds, show_progress=False)
-        except (ToolError, OSError, ValueError) as exc:
-            yield job, exc
+        yield job, _outcome(functools.partial(run_input, job, settings, options, scorer, skip_existing,
+                                              known.get(job)))
         progress.update()
 
 
-def _process_on_cuda(images, settings, options, device, executor, thresholds, maps_of, progress):
-    finishing: list[tuple[Job, Future]] = []
+def _images_on_cuda(images: Sequence[Job], settings: Settings, options: RenderOptions, scorer: Scorer,
+                    executor: Executor, progress: Progress, known: Mapping[Job, list],
+                    skip_existing: bool) -> Iterator[tuple[Job, Outcome | BaseException]]:
+    finishing: list[tuple[Job, Future, list]] = []
 
-    def drain(block: bool) -> Iterator[tuple[Job, dict | BaseException]]:
+    def drain(block: bool) -> Iterator[tuple[Job, Outcome | BaseException]]:
         while finishing and (block or finishing[0][1].done()):
-            job, future = finishing.pop(0)
+            job, future, maps = finishing.pop(0)
             progress.update()
-            yield job, _outcome(future.result)
+            stats = _outcome(future.result)
+            yield job, stats if isinstance(stats, BaseException) else Outcome(stats, maps)
             executor.forget(future)
 
     def score(ready: list[Prepared]) -> None:
         start = time.perf_counter()
-        known = [maps_of.get(p.job) for p in ready]
-        missing = [p for p, m in zip(ready, known) if m is None]
-        computed = iter(compute_maps([p.resized for p in missing], settings, device) if missing else [])
-        all_maps = [m[0] if m is not None else next(computed) for m in known]
+        missing = [p for p in ready if p.job not in known]
+        computed = iter(scorer.maps([p.resized for p in missing], settings) if missing else [])
+        all_maps = [known[p.job][0] if p.job in known else next(computed) for p in ready]
         share = (time.perf_counter() - start) * 1000 / len(ready)  # the batch's time, shared out
         for p, maps in zip(ready, all_maps):
             p.timings["importance"] = share
-            maps_of.setdefault(p.job, [maps])
-            result = ImageResult(p, maps, compute_masks(maps, thresholds), tuple(thresholds), device.type)
-            finishing.append((p.job, executor.submit(finish_image, result, settings, options, job=p.job)))
+            result = analyse(p, maps, settings, scorer.device)
+            finishing.append((p.job, executor.submit(finish_image, result, options, job=p.job), [maps]))
 
+    todo = []
+    for job in images:
+        reused = reusable_stats(job, settings, options) if skip_existing else None
+        if reused is not None:
+            progress.update()
+            yield job, Outcome(reused, [], reused=True)
+        else:
+            todo.append(job)
     pending: list[Prepared] = []
-    calls = [(j, (j, settings, not options.stats_only)) for j in images]
+    calls = [(j, (j, settings, not options.stats_only)) for j in todo]
     for job, prepared in _ordered_map(executor, prepare_image, calls, 2 * executor.workers + CUDA_BATCH):
         if isinstance(prepared, BaseException):
             progress.update()
@@ -2606,36 +2630,25 @@ def iter_tubes(frames: Iterable[np.ndarray], temporal_patch_size: int) -> Iterat
         yield np.stack(group)
 
 
-def video_tube_maps(job: Job, settings: Settings, device: torch.device,
+def video_tube_maps(job: Job, settings: Settings, scorer: Scorer,
                     progress: Progress | None = None) -> list[dict[int, np.ndarray]]:
     """Importance maps of every temporal patch of a video, streaming its frames."""
     info = probe_video(job.path)
     indices, size = video_plan(info, settings, job.label)
     maps = []
     pending: list[np.ndarray] = []
-    batch = CUDA_BATCH if device.type == "cuda" else 1
     for tube in iter_tubes(iter_sampled_frames(job.path, indices, size), settings.temporal_patch_size):
         pending.append(tube)
-        if len(pending) >= batch:
-            maps += compute_maps(pending, settings, device)
+        if len(pending) >= scorer.batch:
+            maps += scorer.maps(pending, settings)
             pending = []
-            if len(maps) % VIDEO_TRIM_EVERY < batch:
+            if len(maps) % VIDEO_TRIM_EVERY < scorer.batch:
                 release_free_memory()
         if progress is not None:
             progress.update(settings.temporal_patch_size)
     if pending:
-        maps += compute_maps(pending, settings, device)
+        maps += scorer.maps(pending, settings)
     return maps
-
-
-def video_output_names(settings: Settings, options: RenderOptions) -> list[str]:
-    names = ["stats.json", "importance_maps.npz"]
-    if not options.stats_only:
-        names += ["patches_visualization.mp4", "patches_visualization.gif", "patches_thumbnail.jpg"]
-        names += [f"importance_map_scale_{ps}.mp4" for ps in settings.patch_sizes]
-    if options.sweep:
-        names += ["threshold_sweep.csv"] + ([] if options.stats_only else ["threshold_sweep.png"])
-    return names
 
 
 class _VideoWriter:
@@ -2666,8 +2679,7 @@ def _map_frame(values: np.ndarray, patch_size: int, size: tuple[int, int], vmin:
 
 
 def video_stats(job: Job, info: VideoInfo, indices: Sequence[int], size: tuple[int, int], settings: Settings,
-                thresholds: Sequence[float], tube_masks: Sequence[Mapping[int, np.ndarray]], device: str,
-                timings: Mapping[str, float]) -> dict:
+                tube_masks: Sequence[Mapping[int, np.ndarray]], device: str, timings: Mapping[str, float]) -> dict:
     """stats.json of a video: the image keys, counted over all temporal patches, plus per-tube counts."""
     h, w = size
     t = settings.temporal_patch_size
@@ -2682,39 +2694,30 @@ def video_stats(job: Job, info: VideoInfo, indices: Sequence[int], size: tuple[i
         per_tube.append({"temporal_patch": k, "frames": frames, "patches_per_scale": {str(ps): n for ps, n in counts.items()},
                          "apt_patches": sum(counts.values())})
     uniform = grid_t * (h // settings.patch_size) * (w // settings.patch_size)
-    stats = stats_record(job.label, "video", (info.width, info.height), size, settings, thresholds, totals, uniform,
+    stats = stats_record(job.label, "video", (info.width, info.height), size, settings, totals, uniform,
                          device, timings)
     stats.update(frames_total=info.total_frames, video_fps=info.fps, frames_sampled=len(indices),
                  frame_indices=list(indices), temporal_patches=grid_t, per_temporal_patch=per_tube)
     return stats
 
 
-def run_video(job: Job, settings: Settings, options: RenderOptions, device: torch.device,
-              thresholds: Sequence[float] | None = None, show_progress: bool = True,
-              skip_existing: bool = False) -> dict:
+def run_video(job: Job, settings: Settings, options: RenderOptions, scorer: Scorer = CPU,
+              tube_maps: list | None = None, show_progress: bool = False) -> Outcome:
     """A video from path to files: pass 1 scores each temporal patch while streaming the
-    sampled frames; pass 2 streams them again to draw the patches. Memory stays bounded
-    by one temporal patch (plus the small GIF frames)."""
-    check_output_dir(job.out_dir)
+    sampled frames (unless tube_maps are known); pass 2 streams them again to draw the
+    patches. Memory stays bounded by one temporal patch (plus the small GIF frames)."""
     watch = Stopwatch()
     info = probe_video(job.path)
     indices, size = video_plan(info, settings, job.label)
     logger.info(f"{job.label}: {info.total_frames} frames at {info.fps:g} fps, {info.width}x{info.height}; "
                 f"sampling {len(indices)} frames at {size[1]}x{size[0]}")
-    passes = 1 if options.stats_only else 2
-    progress = Progress(len(indices) * passes, show_progress, unit="frame")
+    passes = (0 if options.stats_only else 1) + (tube_maps is None)
+    progress = Progress(len(indices) * passes, show_progress and passes > 0, unit="frame")
     try:
-        tube_maps = video_tube_maps(job, settings, device, progress)
+        if tube_maps is None:
+            tube_maps = video_tube_maps(job, settings, scorer, progress)
         watch.lap("importance")
-        if thresholds is None:
-            thresholds = thresholds_for(settings, tube_maps)
-        thresholds = tuple(thresholds)
-        if skip_existing:
-            reused = reusable_stats(job, settings, options, thresholds)
-            if reused is not None:
-                logger.info(f"{job.label}: outputs of the same settings exist, skipped (--skip-existing)")
-                return reused
-        tube_masks = [compute_masks(m, thresholds) for m in tube_maps]
+        tube_masks = [compute_masks(m, settings.thresholds) for m in tube_maps]
         files: dict[str, bytes] = {}
         arrays = {f"scale_{ps}": np.stack([m[ps] for m in tube_maps]).astype(np.float32) for ps in settings.patch_sizes}
         arrays.update({f"mask_{ps}": np.stack([m[ps] for m in tube_masks]) for ps in settings.patch_sizes})
@@ -2722,19 +2725,19 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, device: torc
         files["importance_maps.npz"] = encode_npz(arrays)
         if options.sweep:
             apt = sum(sum(patch_counts(m).values()) for m in tube_masks)
-            files.update(sweep_files(tube_maps, settings, (thresholds, apt), f"Threshold sweep: {Path(job.label).name}",
+            files.update(sweep_files(tube_maps, settings, apt, f"Threshold sweep: {Path(job.label).name}",
                                      plot=not options.stats_only))
         with staged_output(job.out_dir) as staging:
             if not options.stats_only:
                 _write_video_pictures(job, staging, indices, size, settings, options, tube_maps, tube_masks, info,
                                       progress)
                 watch.lap("render")
-            stats = video_stats(job, info, indices, size, settings, thresholds, tube_masks, device.type,
+            stats = video_stats(job, info, indices, size, settings, tube_masks, scorer.device,
                                 {**watch.ms, "total": sum(watch.ms.values())})
             files["stats.json"] = encode_json(stats)
             for name, data in files.items():
                 (staging / name).write_bytes(data)
-        return stats
+        return Outcome(stats, tube_maps)
     finally:
         progress.close()
 
@@ -2932,13 +2935,7 @@ SETTINGS_FLAGS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels
                   "video_max_pixels")
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
-
-
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, RenderOptions, torch.device]:
+def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, RenderOptions, Scorer]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -2967,7 +2964,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
         line_color=tuple(args.line_color), line_thickness=args.line_thickness, color_by_scale=args.color_by_scale,
         stats_only=args.stats_only, sweep=args.sweep,
     )
-    return args, settings, options, resolve_device(args.device)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    return args, settings, options, Scorer(device)
 
 
 def _log_sink(message: str) -> None:
@@ -2979,40 +2977,34 @@ def _log_sink(message: str) -> None:
         sys.stderr.write(message)
 
 
-def _one_line_record(record: dict) -> None:
-    """Every log message one line, whatever file names or exception texts it quotes."""
-    record["message"] = one_line(record["message"])
-
-
 def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Python warnings nobody handled where they arose: one log line each, not warnings' two lines."""
     logger.warning(f"{category.__name__}: {message} ({Path(filename).name}:{lineno})")
 
 
-def configure_logging(quiet: bool, verbose: bool) -> None:
-    """Log lines on stderr; also in worker processes, which are forked after this."""
+LOG_FORMAT = "<level>{level: <7}</level> {extra[line]}\n{exception}"
+LOG_LEVEL: list[str | None] = [None]  # set by configure_logging: the program's level, for its workers
+
+
+def _log_format(record: dict) -> str:
+    """Every log line one line, whatever file names or exception texts it quotes."""
+    record["extra"]["line"] = one_line(record["message"])
+    return LOG_FORMAT
+
+
+def configure_logging(level: str) -> None:
+    """The program's logging (process-wide: only cli() and the tool's worker processes call
+    this): one line per message on stderr at `level`, Python warnings included."""
     logger.remove()
-    level = "ERROR" if quiet else ("DEBUG" if verbose else "INFO")
-    logger.configure(patcher=_one_line_record)
-    logger.add(_log_sink, level=level, format="<level>{level: <7}</level> {message}",
-               colorize=sys.stderr.isatty())
+    logger.add(_log_sink, level=level, format=_log_format, colorize=sys.stderr.isatty())
     warnings.showwarning = _log_warning
+    LOG_LEVEL[0] = level
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    gc.freeze()  # the imported modules live for the whole run: keep the collector from rescanning them
-    with StopSignals() as signals:
-        try:
-            return _main(argv, signals)
-        except KeyboardInterrupt:
-            logger.error(f"interrupted ({signals.name})")
-            return signals.exit_code
-
-
-def _main(argv: Sequence[str] | None, signals: StopSignals) -> int:
-    args, settings, options, device = parse_args(argv)
-    configure_logging(args.quiet, args.verbose)
-    logger.debug(f"device {device.type}; {settings}")
+def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, scorer: Scorer,
+        signals: StopSignals) -> int:
+    """Analyse what the parsed command line asks for; the exit status."""
+    logger.debug(f"device {scorer.device}; {settings}")
     try:
         inputs = [str(p) for p in args.inputs]
         if not inputs:
@@ -3023,25 +3015,33 @@ def _main(argv: Sequence[str] | None, signals: StopSignals) -> int:
         check_output_dir(args.output)
         with OutputLock(args.output):
             if found.flat:
-                return run_one(found.jobs[0], args, settings, options, device)
+                return run_one(found.jobs[0], args, settings, options, scorer)
             hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
             logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
-                        f"{args.workers} workers, device {device.type}")
-            return run_batch(found, args.output, settings, options, device, args.workers, args.skip_existing,
+                        f"{args.workers} workers, device {scorer.device}")
+            return run_batch(found, args.output, settings, options, scorer, args.workers, args.skip_existing,
                              show_progress=not args.quiet and len(found.jobs) > 1, signals=signals)
     except ToolError as exc:
         logger.error(str(exc))
         return EXIT_FAILURE
+    except KeyboardInterrupt:
+        logger.error(f"interrupted ({signals.name})")
+        return signals.exit_code
 
 
-def run_one(job: Job, args: argparse.Namespace, settings: Settings, options: RenderOptions,
-            device: torch.device) -> int:
+def run_one(job: Job, args: argparse.Namespace, settings: Settings, options: RenderOptions, scorer: Scorer) -> int:
     """A single input file, outputs straight into the output directory."""
-    if job.kind == "video":
-        stats = run_video(job, settings, options, device, show_progress=not args.quiet,
-                          skip_existing=args.skip_existing)
-    else:
-        stats = run_single_image(job, settings, options, device, args.skip_existing)
+    maps = None
+    if settings.target_ratio is not None:
+        maps = score_input(job, settings, scorer)
+        settings = resolve_thresholds(settings, maps)
+    outcome = run_input(job, settings, options, scorer, args.skip_existing, maps, show_progress=not args.quiet)
+    stats = outcome.stats
+    if outcome.reused:
+        logger.info(f"{job.label}: outputs of the same settings exist, skipped (--skip-existing)")
+    elif job.kind == "image":
+        (ow, oh), (rw, rh) = stats["original_size"], stats["resized_size"]
+        logger.info(f"{job.label}: {ow}x{oh} -> {rw}x{rh}")
     counts = ", ".join(f"{n} x {ps}px" for ps, n in stats["patches_per_scale"].items())
     chosen = f" (threshold {stats['thresholds'][0]!r} for target ratio {settings.target_ratio:g})" \
         if settings.target_ratio is not None else ""
@@ -3050,9 +3050,25 @@ def run_one(job: Job, args: argparse.Namespace, settings: Settings, options: Ren
     if stats["apt_patches"] == stats["uniform_patches"] and settings.target_ratio is None:
         logger.info("no patch merged at these thresholds: see the heatmaps' colour bars or "
                     "explorer.html for the scores, or try --target-ratio 0.5 or --sweep")
-    logger.info(f"wrote outputs to {args.output} (device {device.type})")
+    logger.info(f"wrote outputs to {args.output} (device {scorer.device})")
     return EXIT_OK
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line run inside this process (tests, notebooks), leaving the process's
+    logging, signal handlers and garbage collector as they are; cli() is the program."""
+    return run(*parse_args(argv), StopSignals())
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """The program (`python visualize_patches.py`, `visualize-patches`): one-line logs on stderr,
+    SIGINT, SIGTERM and SIGHUP as Ctrl-C, then run()."""
+    parsed = parse_args(argv)
+    args = parsed[0]
+    configure_logging("ERROR" if args.quiet else ("DEBUG" if args.verbose else "INFO"))
+    gc.freeze()  # the imported modules live for the whole run: keep the collector from rescanning them
+    with StopSignals() as signals:
+        return run(*parsed, signals)
+
+
+# Run as a script: see the top of the file (the imports first, then cli()).

@@ -113,7 +113,7 @@ def test_sigterm_and_sighup_stop_like_ctrl_c(tmp_path, reaper, signum, code):
     assert wait_for(lambda: not any(alive(p) for p in workers), 5), "worker processes outlived the run"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"]
-    names = vp.image_output_names(vp.Settings(), vp.RenderOptions())
+    names = vp.output_names("image", vp.Settings(), vp.RenderOptions())
     ok = {r["path"] for r in read_csv(out / "summary.csv") if r["status"] == "ok"}
     assert ok == complete_folders(out, names)  # counts exactly the inputs whose outputs are complete
     assert summary["images"]["ok"] == len(ok) and summary["images"]["not_processed"] == 40 - len(ok)
@@ -147,7 +147,7 @@ def test_ctrl_c_twice_ends_the_run_at_once(tmp_path, reaper):
     assert "Traceback" not in stderr
     assert wait_for(lambda: not any(alive(p) for p in workers), 5)
     summary = json.loads((out / "summary.json").read_text())
-    names = vp.image_output_names(vp.Settings(), vp.RenderOptions())
+    names = vp.output_names("image", vp.Settings(), vp.RenderOptions())
     ok = {r["path"] for r in read_csv(out / "summary.csv") if r["status"] == "ok"}
     assert summary["interrupted"] and ok == complete_folders(out, names)
     assert_nothing_half_written(out)
@@ -170,7 +170,7 @@ def test_one_ctrl_c_counts_every_finished_input(tmp_path, reaper):
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
-    names = vp.image_output_names(vp.Settings(), vp.RenderOptions(stats_only=True))
+    names = vp.output_names("image", vp.Settings(), vp.RenderOptions(stats_only=True))
     summary = json.loads((out / "summary.json").read_text())
     ok = {r["path"] for r in read_csv(out / "summary.csv") if r["status"] == "ok"}
     assert ok == complete_folders(out, names) and summary["images"]["ok"] == len(ok) >= 4
@@ -262,7 +262,7 @@ def test_full_disk_during_a_batch_leaves_no_folder_for_failed_inputs(tiny_disk, 
     proc = run_cli(root, "-o", out, "--workers", "2")
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
-    names = vp.image_output_names(vp.Settings(), vp.RenderOptions())
+    names = vp.output_names("image", vp.Settings(), vp.RenderOptions())
     folders = {p.relative_to(out).as_posix() for p in out.iterdir() if p.is_dir()}
     assert folders == complete_folders(out, names)  # every folder left is complete
     assert len(folders) < 12

@@ -184,10 +184,10 @@ def test_decoder_warning_is_one_debug_line(tmp_path):
 
 
 def test_other_python_warnings_become_one_log_line(capsys):
-    vp.configure_logging(quiet=False, verbose=False)
+    vp.configure_logging("INFO")
     try:
         warnings.warn("first line\nsecond line", UserWarning)
     finally:
-        vp.configure_logging(quiet=True, verbose=False)
+        vp.configure_logging("ERROR")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("WARNING") and "first line\\nsecond line" in err, err

@@ -50,7 +50,7 @@ def refused(capsys, *args) -> str:
     """Run main in this process (refusals happen before any image is read) and return its one
     stderr line, checking exit status 1."""
     capsys.readouterr()
-    code = vp.main([str(a) for a in args])
+    code = vp.cli([str(a) for a in args])  # the program, with its one-line logging
     err = capsys.readouterr().err
     assert code == 1, err
     lines = [line for line in err.splitlines() if line.strip()]
