@@ -61,6 +61,7 @@ import io
 import json
 import math
 import multiprocessing
+import select
 import shutil
 import tempfile
 import threading
@@ -2075,34 +2076,51 @@ def default_workers() -> int:
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-WORKER_WATCH_SECONDS = 0.5  # how often a worker checks that its parent is alive
+MAIN_WATCH_SECONDS = 0.5  # where there is no pidfd: how often a worker checks the main process
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _die_with_parent() -> None:
-    """End this worker when its parent process dies, however it dies (SIGKILL included):
-    the kernel's parent-death signal where there is one, and a watchdog thread everywhere.
-    (The parent is multiprocessing's fork server, which exits when the main process does.)"""
-    parent = os.getppid()
+def _die_with(main_pid: int) -> None:
+    """End this worker when the main process dies, however it dies (SIGKILL included): a thread
+    waits on a pidfd of the main process (Linux; elsewhere it polls). The fork server, this
+    worker's direct parent, waits for its workers, so it cannot be the one to notice; the
+    kernel's parent-death signal covers the fork server dying first."""
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+    try:
+        pidfd = os.pidfd_open(main_pid)
+    except (AttributeError, OSError):
+        pidfd = None
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(WORKER_WATCH_SECONDS)
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while _alive(main_pid):
+                time.sleep(MAIN_WATCH_SECONDS)
         os._exit(EXIT_FAILURE)
 
-    if os.getppid() != parent or parent == 1:  # the parent died before the lines above
+    if not _alive(main_pid):
         os._exit(EXIT_FAILURE)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="main-watch", daemon=True).start()
 
 
-def _worker_init(log_level: str | None) -> None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _worker_init(log_level: str | None, main_pid: int) -> None:
     for signum in STOP_SIGNALS:  # the main process decides when to stop, and stops its workers itself
         signal.signal(signum, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with(main_pid)
     if log_level is not None:  # this process is the tool's own: log as the main process does
         configure_logging(log_level)
     torch.set_num_threads(1)  # the workers are the parallelism
@@ -2171,7 +2189,7 @@ class Executor:
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload([__name__])
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                            initargs=(LOG_LEVEL[0],))
+                                            initargs=(LOG_LEVEL[0], os.getpid()))
 
     def submit(self, fn: Callable, *args, job: Job | None = None) -> Future:
         """fn(*args); `job` marks a task whose success means that job's outputs are complete."""
