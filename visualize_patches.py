@@ -1380,11 +1380,13 @@ def check_input_file(path: Path) -> None:
 def load_image(path: Path) -> Image.Image:
     """Decode the first frame, apply the EXIF orientation, convert to RGB.
 
-    Raises ToolError naming the path for every way a file can fail to be an image.
+    Raises ToolError naming the path for every way a file can fail to be an image; PIL's
+    warnings about a damaged file (such as corrupt EXIF data) become one logged line.
     """
     check_input_file(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.seek(0)
@@ -1398,6 +1400,9 @@ def load_image(path: Path) -> Image.Image:
         raise ToolError(f"{path}: not an image file PIL can read") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ToolError(f"{path}: cannot decode image ({exc})") from None
+    notes = dict.fromkeys(str(w.message).strip() for w in caught)
+    if notes:
+        logger.warning(f"{path}: {'; '.join(notes)}")
     if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         logger.warning(f"{path}: {mode} image; values above 255 clip to white, as in Qwen2-VL's processor")
     return rgb
