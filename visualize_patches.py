@@ -2295,10 +2295,7 @@ def _score_all(jobs, settings, device, executor, progress) -> Iterator[tuple[Job
                 yield job, compute_maps([prepared.resized], settings, device)
     for job in (j for j in jobs if j.kind == "video"):
         progress.update()
-        try:
-            yield job, video_tube_maps(job, settings, device)
-        except (ToolError, OSError, ValueError) as exc:
-            yield job, exc
+        yield job, _outcome(functools.partial(video_tube_maps, job, settings, device))
 
 
 def _process_all(jobs, settings, options, device, executor, thresholds, maps_of, progress):
@@ -2319,10 +2316,8 @@ def _process_all(jobs, settings, options, device, executor, thresholds, maps_of,
     else:
         yield from _process_on_cuda(images, settings, options, device, executor, thresholds, maps_of, progress)
     for job in (j for j in jobs if j.kind == "video"):
-        try:
-            yield job, run_video(job, settings, options, device, thresholds, show_progress=False)
-        except (ToolError, OSError, ValueError) as exc:
-            yield job, exc
+        yield job, _outcome(functools.partial(run_video, job, settings, options, device, thresholds,
+                                              show_progress=False))
         progress.update()
 
 
@@ -2388,11 +2383,19 @@ def _cv2():
     return cv2
 
 
+def _opencv_failure(path: Path, doing: str, exc: Exception) -> ToolError:
+    """OpenCV's C++ exception (several lines) as one ToolError line."""
+    return ToolError(f"{path}: cannot {doing} video (OpenCV: {' '.join(str(exc).split())})")
+
+
 def probe_video(path: Path) -> VideoInfo:
     """Frame count, rate and size of a video file; ToolError when it cannot be read."""
     check_input_file(path)
     cv2 = _cv2()
-    capture = cv2.VideoCapture(str(path))
+    try:
+        capture = cv2.VideoCapture(str(path))
+    except cv2.error as exc:
+        raise _opencv_failure(path, "open", exc) from None
     try:
         if not capture.isOpened():
             raise ToolError(f"{path}: cannot open video (unreadable or unsupported format)")
@@ -2404,6 +2407,8 @@ def probe_video(path: Path) -> VideoInfo:
         if not (math.isfinite(fps) and fps > 0):
             raise ToolError(f"{path}: video has no valid frame rate")
         return VideoInfo(total, fps, width, height)
+    except cv2.error as exc:
+        raise _opencv_failure(path, "read", exc) from None
     finally:
         capture.release()
 
@@ -2423,7 +2428,10 @@ def video_plan(info: VideoInfo, settings: Settings, label: str) -> tuple[list[in
 def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int]) -> Iterator[np.ndarray]:
     """Stream the sampled frames as (H, W, 3) uint8 RGB at `size` (PIL bicubic), one at a time."""
     cv2 = _cv2()
-    capture = cv2.VideoCapture(str(path))
+    try:
+        capture = cv2.VideoCapture(str(path))
+    except cv2.error as exc:
+        raise _opencv_failure(path, "open", exc) from None
     wanted = iter(indices)
     target = next(wanted, None)
     position = 0
@@ -2440,6 +2448,8 @@ def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int
                 yield np.array(rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC))
                 target = next(wanted, None)
             position += 1
+    except cv2.error as exc:  # raised by grab or retrieve (a consumer's exceptions never enter at the yield)
+        raise _opencv_failure(path, "read", exc) from None
     finally:
         capture.release()
 
