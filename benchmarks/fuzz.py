@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ from _common import ROOT, TOOL, machine
 sys.path.insert(0, str(ROOT / "tests"))
 from fuzzing import seed_files, write_cases  # noqa: E402
 
+PY_WARNING = re.compile(r"\.py:\d+: \w*Warning: ")  # a raw Python warning on stderr
 HANG_S = 10.0  # a file whose run takes longer than this (beyond startup) is a hang
 STARTUP_RUNS = 3
 
@@ -50,11 +52,12 @@ class Tally:
     missing_rows: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)  # failed rows with a message not from ToolError
     leftovers: list[str] = field(default_factory=list)  # failed inputs' output folders, hidden files
+    raw_warnings: int = 0  # Python warnings printed as such rather than logged
     bisections: int = 0
 
     def problems(self) -> int:
         return sum(map(len, (self.tracebacks, self.hangs, self.crashes, self.missing_rows, self.unexpected,
-                             self.leftovers)))
+                             self.leftovers))) + self.raw_warnings
 
 
 def run_batch(folder: Path, out: Path, args, timeout: float) -> tuple[int | None, str, float]:
@@ -124,6 +127,7 @@ def run_files(files: list[Path], work: Path, args, limit: float, tally: Tally) -
         bad = status not in (0, 1) or "Traceback" in stderr
         if not bad:
             check_outputs(files, out, tally)
+            tally.raw_warnings += len(PY_WARNING.findall(stderr))
             return
     if len(files) > 1:
         tally.bisections += 1
@@ -181,6 +185,7 @@ def main() -> int:
     print(f"missing rows:          {len(tally.missing_rows)}")
     print(f"unexpected exceptions: {len(tally.unexpected)}")
     print(f"leftover outputs:      {len(tally.leftovers)}")
+    print(f"raw Python warnings:   {tally.raw_warnings}")
     print(f"batch runs split:      {tally.bisections}")
     print(f"wall time:             {wall:.0f} s ({tally.files / wall:.1f} files/s)")
     for title, items in (("tracebacks", tally.tracebacks), ("hangs", tally.hangs), ("crashes", tally.crashes),
