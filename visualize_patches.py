@@ -2376,6 +2376,10 @@ class VideoInfo:
 
 
 def _cv2():
+    # FFmpeg's and OpenCV's own messages about a damaged file would print beside our one line;
+    # set either variable (FFmpeg levels: 16 errors, 24 warnings) to see them
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
     try:
         import cv2
     except ImportError:

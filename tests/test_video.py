@@ -296,3 +296,14 @@ def test_opencv_errors_are_one_line_tool_errors(tmp_path, monkeypatch, capsys, w
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("ERROR") and str(video) in errors[0], errors
     assert "injected" in errors[0]
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_bad_video_is_one_line_without_decoder_chatter(tmp_path, kind):
+    """FFmpeg's and OpenCV's own messages ("moov atom not found", "[ERROR:0@...] ...") would
+    print beside ours: the failure is our one line only. Found by tests/test_fuzz.py."""
+    path = bad_video(tmp_path, kind)
+    proc = run_cli(path, "-o", tmp_path / "out")
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ERROR") and path.name in lines[0], proc.stderr
