@@ -1168,7 +1168,8 @@ def check_input_file(path: Path) -> None:
 def load_image(path: Path) -> Image.Image:
     """Decode the first frame, apply the EXIF orientation, convert to RGB.
 
-    Raises ToolError naming the path for every way a file can fail to be an image.
+    Raises ToolError naming the path for every way a file can fail to be an image; PIL's
+    warnings about a damaged file (such as corrupt EXIF data) become one logged line.
     """
     check_input_file(path)
     caught: list[warnings.WarningMessage] = []
@@ -2572,6 +2573,10 @@ class VideoInfo:
 
 
 def _cv2():
+    # FFmpeg's and OpenCV's own messages about a damaged file would print beside our one line;
+    # set either variable (FFmpeg levels: 16 errors, 24 warnings) to see them
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
     try:
         import cv2
     except ImportError:
@@ -2579,11 +2584,19 @@ def _cv2():
     return cv2
 
 
+def _opencv_failure(path: Path, doing: str, exc: Exception) -> ToolError:
+    """OpenCV's C++ exception (several lines) as one ToolError line."""
+    return ToolError(f"{path}: cannot {doing} video (OpenCV: {' '.join(str(exc).split())})")
+
+
 def probe_video(path: Path) -> VideoInfo:
     """Frame count, rate and size of a video file; ToolError when it cannot be read."""
     check_input_file(path)
     cv2 = _cv2()
-    capture = cv2.VideoCapture(str(path))
+    try:
+        capture = cv2.VideoCapture(str(path))
+    except cv2.error as exc:
+        raise _opencv_failure(path, "open", exc) from None
     try:
         if not capture.isOpened():
             raise ToolError(f"{path}: cannot open video (unreadable or unsupported format)")
@@ -2595,6 +2608,8 @@ def probe_video(path: Path) -> VideoInfo:
         if not (math.isfinite(fps) and fps > 0):
             raise ToolError(f"{path}: video has no valid frame rate")
         return VideoInfo(total, fps, width, height)
+    except cv2.error as exc:
+        raise _opencv_failure(path, "read", exc) from None
     finally:
         capture.release()
 
@@ -2614,7 +2629,10 @@ def video_plan(info: VideoInfo, settings: Settings, label: str) -> tuple[list[in
 def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int]) -> Iterator[np.ndarray]:
     """Stream the sampled frames as (H, W, 3) uint8 RGB at `size` (PIL bicubic), one at a time."""
     cv2 = _cv2()
-    capture = cv2.VideoCapture(str(path))
+    try:
+        capture = cv2.VideoCapture(str(path))
+    except cv2.error as exc:
+        raise _opencv_failure(path, "open", exc) from None
     wanted = iter(indices)
     target = next(wanted, None)
     position = 0
@@ -2631,6 +2649,8 @@ def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int
                 yield np.array(rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC))
                 target = next(wanted, None)
             position += 1
+    except cv2.error as exc:  # raised by grab or retrieve (a consumer's exceptions never enter at the yield)
+        raise _opencv_failure(path, "read", exc) from None
     finally:
         capture.release()
 

@@ -92,3 +92,20 @@ def test_tiny_image_runs(write_image, tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["original_size"] == [1, 1] and stats["resized_size"] == [56, 56]
     assert stats["apt_patches"] == 1 and stats["patches_per_scale"] == {"14": 0, "28": 0, "56": 1}
+
+
+def test_corrupt_exif_is_one_logged_line_not_a_raw_warning(tmp_path):
+    """PIL warns (warnings.warn) about a truncated EXIF block: found by tests/test_fuzz.py.
+    The image still loads, unrotated, as PIL gives it to any processor: the warning is one debug
+    line naming the file."""
+    from conftest import run_cli
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010E] = 6, "x" * 40  # orientation, image description
+    path = tmp_path / "bad_exif.jpg"
+    Image.fromarray(photo()).save(path, exif=exif.tobytes()[:30], quality=95)  # cut inside the tag data
+    proc = run_cli(path, "-o", tmp_path / "out", "--stats-only", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning: " not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "Corrupt EXIF data" in line]
+    assert len(lines) == 1 and lines[0].startswith("DEBUG") and str(path) in lines[0], proc.stderr

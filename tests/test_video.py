@@ -238,3 +238,72 @@ def test_memory_does_not_grow_with_video_length(tmp_path):
     stats = json.loads((tmp_path / "l" / "stats.json").read_text())
     assert stats["frames_sampled"] == 600
     assert big - small < 40, (small, big)
+
+
+def one_video_breaks(folder: Path) -> Path:
+    """Two small videos and a photo in folder; the caller makes bad.mp4 fail."""
+    folder.mkdir()
+    write_pan(folder / "bad.mp4", 8, size=(64, 48))
+    write_pan(folder / "good.mp4", 8, size=(64, 48))
+    Image.open(PEARL).convert("RGB").resize((80, 96)).save(folder / "still.jpg")
+    return folder
+
+
+@pytest.mark.parametrize("extra", [[], ["--target-ratio", "0.5"]], ids=["thresholds", "target-ratio"])
+def test_an_unexpected_error_in_one_video_is_that_inputs_failure(tmp_path, monkeypatch, extra):
+    """Batch mode records any exception from a video as that video's failed row, as it does
+    for images, in both passes (pass 1 runs only with --target-ratio)."""
+    folder = one_video_breaks(tmp_path / "in")
+    probe = vp.probe_video
+
+    def faulty_probe(path):
+        if path.name == "bad.mp4":
+            raise RuntimeError("injected fault")
+        return probe(path)
+
+    monkeypatch.setattr(vp, "probe_video", faulty_probe)
+    out = tmp_path / "out"
+    assert vp.main([str(folder), "-o", str(out), "-q", "--workers", "1", "--stats-only", *extra]) == 1
+    import csv
+    with open(out / "summary.csv", newline="") as f:
+        rows = {r["path"]: r for r in csv.DictReader(f)}
+    assert rows["bad.mp4"]["status"] == "failed" and rows["bad.mp4"]["error"] == "RuntimeError: injected fault"
+    assert rows["good.mp4"]["status"] == "ok" and rows["still.jpg"]["status"] == "ok"
+    assert not (out / "bad.mp4").exists()
+
+
+@pytest.mark.parametrize("where", ["open", "read"])
+def test_opencv_errors_are_one_line_tool_errors(tmp_path, monkeypatch, capsys, where):
+    """cv2.error (OpenCV's C++ exceptions, multi-line) from opening or reading a video ends as
+    one ToolError line naming the file, exit 1, in the single-file mode too."""
+    video = write_pan(tmp_path / "clip.mp4", 8, size=(64, 48))
+    real = cv2.VideoCapture
+
+    class Faulty:
+        def __init__(self, name):
+            if where == "open":
+                raise cv2.error("OpenCV(5.0.0) cap.cpp:1: error: (-5:Bad argument) injected\n in function 'open'\n")
+            self.capture = real(name)
+
+        def __getattr__(self, name):
+            return getattr(self.capture, name)
+
+        def grab(self):
+            raise cv2.error("OpenCV(5.0.0) cap.cpp:2: error: (-2:Unspecified error) injected\n in function 'grab'\n")
+
+    monkeypatch.setattr(cv2, "VideoCapture", Faulty)
+    assert vp.main([str(video), "-o", str(tmp_path / "out"), "-q", "--stats-only"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("ERROR") and str(video) in errors[0], errors
+    assert "injected" in errors[0]
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated"])
+def test_bad_video_is_one_line_without_decoder_chatter(tmp_path, kind):
+    """FFmpeg's and OpenCV's own messages ("moov atom not found", "[ERROR:0@...] ...") would
+    print beside ours: the failure is our one line only. Found by tests/test_fuzz.py."""
+    path = bad_video(tmp_path, kind)
+    proc = run_cli(path, "-o", tmp_path / "out")
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ERROR") and path.name in lines[0], proc.stderr
