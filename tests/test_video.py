@@ -292,7 +292,7 @@ def test_opencv_errors_are_one_line_tool_errors(tmp_path, monkeypatch, capsys, w
             raise cv2.error("OpenCV(5.0.0) cap.cpp:2: error: (-2:Unspecified error) injected\n in function 'grab'\n")
 
     monkeypatch.setattr(cv2, "VideoCapture", Faulty)
-    assert vp.main([str(video), "-o", str(tmp_path / "out"), "-q", "--stats-only"]) == 1
+    assert vp.cli([str(video), "-o", str(tmp_path / "out"), "-q", "--stats-only"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("ERROR") and str(video) in errors[0], errors
     assert "injected" in errors[0]
