@@ -65,8 +65,17 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ModuleNotFoundError as _missing:
+    if __name__ != "__main__" or _missing.name != "torch":
+        raise
+    # torch is an extra of the pip package (see the README's Set-up): one line, not a traceback
+    sys.stderr.write("ERROR   torch is not installed: pip install torch (CPU only: pip install torch --index-url "
+                     "https://download.pytorch.org/whl/cpu); see the README's Set-up\n")
+    sys.exit(1)
 from loguru import logger
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
@@ -2836,7 +2845,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     parser = OneLineParser(
-        prog="visualize_patches.py",
+        prog="visualize-patches" if Path(sys.argv[0]).stem == "visualize-patches" else "visualize_patches.py",
         description="Visualise APT (Adaptive Patch Tokenization) for Qwen2-VL: multi-scale importance heatmaps, "
         "the chosen patches, an interactive threshold explorer, raw maps and token counts, for images, "
         "folders of images and videos.",
