@@ -76,8 +76,17 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+try:
+    import torch
+    import torch.nn.functional as F
+except ModuleNotFoundError as _missing:
+    if __name__ != "__main__" or _missing.name != "torch":
+        raise
+    # torch is an extra of the pip package (see the README's Set-up): one line, not a traceback
+    sys.stderr.write("ERROR   torch is not installed: pip install torch (CPU only: pip install torch --index-url "
+                     "https://download.pytorch.org/whl/cpu); see the README's Set-up\n")
+    sys.exit(1)
 from loguru import logger
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
@@ -132,7 +141,7 @@ ENTROPY_QUANTUM_BITS = 20
 LAPLACIAN_KERNEL = ((1.0, 1.0, 1.0), (1.0, -8.0, 1.0), (1.0, 1.0, 1.0))
 
 DEFAULT_OUTPUT_DIR = "./visualizations"
-SAMPLE_IMAGE = "grace_hopper.jpg"  # shipped by matplotlib, see matplotlib.cbook.get_sample_data
+SAMPLE_IMAGE = "pearl_earring.jpg"  # in apt_vis/data/ (provenance and licence: its README.md)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -1200,10 +1209,9 @@ def load_image(path: Path) -> Image.Image:
 
 
 def sample_image_path() -> Path:
-    """A real photo shipped with matplotlib, for a first run with no file at hand."""
-    from matplotlib import cbook
-
-    return Path(cbook.get_sample_data(SAMPLE_IMAGE, asfileobj=False))
+    """The sample photo shipped in apt_vis/data/, for a first run with no file at hand: a Vermeer whose
+    plain background merges at the default thresholds."""
+    return Path(__file__).resolve().parent / "apt_vis" / "data" / SAMPLE_IMAGE
 
 
 def sniff_kind(path: Path) -> str | None:
@@ -2878,7 +2886,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
     parser = OneLineParser(
-        prog="visualize_patches.py",
+        prog="visualize-patches" if Path(sys.argv[0]).stem == "visualize-patches" else "visualize_patches.py",
         description="Visualise APT (Adaptive Patch Tokenization) for Qwen2-VL: multi-scale importance heatmaps, "
         "the chosen patches, an interactive threshold explorer, raw maps and token counts, for images, "
         "folders of images and videos.",
@@ -2888,7 +2896,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="Image or video files, folders (searched recursively) or glob patterns. A single "
                         "file writes its outputs straight into the output directory; anything else writes one "
-                        f"folder per input plus summaries. Without INPUT, matplotlib's sample photo {SAMPLE_IMAGE}.")
+                        f"folder per input plus summaries. Without INPUT, the sample photo {SAMPLE_IMAGE} (a Vermeer).")
     parser.add_argument("-o", "--output", type=Path, default=Path(DEFAULT_OUTPUT_DIR), metavar="DIR",
                         help=f"Directory for the outputs; created if missing (default: {DEFAULT_OUTPUT_DIR}).")
 
@@ -3047,7 +3055,7 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
         inputs = [str(p) for p in args.inputs]
         if not inputs:
             inputs = [str(sample_image_path())]
-            logger.info(f"no input given: using matplotlib's sample photo {inputs[0]}")
+            logger.info(f"no input given: using the sample photo {inputs[0]}")
         found = discover(inputs, args.output)
         check_write_paths(found, args.output, settings, options)
         check_output_dir(args.output)

@@ -18,7 +18,12 @@ PEARL = DATA / "pearl_earring.jpg"  # 826 x 970 real photo, see tests/data/READM
 
 
 def sample_photo() -> Path:
-    return vp.sample_image_path()
+    """A second real photo, unlike PEARL: matplotlib's grace_hopper.jpg (512 x 600; fine texture and
+    JPEG noise everywhere, so nothing merges at the default thresholds). The tool's own sample photo,
+    vp.sample_image_path(), is a copy of PEARL."""
+    from matplotlib import cbook
+
+    return Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
 
 
 def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess:

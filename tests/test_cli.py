@@ -24,13 +24,27 @@ def test_help_lists_every_option():
 
 
 def test_no_arguments_runs_on_sample_photo(tmp_path):
+    """A newcomer's first run shows APT at work: the defaults merge the sample photo visibly."""
     proc = run_cli(cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "visualizations"
     stats = json.loads((out / "stats.json").read_text())
-    assert stats["image"].endswith("grace_hopper.jpg")
-    assert stats["original_size"] == [512, 600]
-    assert "grace_hopper" in proc.stderr and "wrote" in proc.stderr
+    assert stats["image"].endswith("pearl_earring.jpg")
+    assert stats["original_size"] == [826, 970]
+    assert "pearl_earring.jpg" in proc.stderr and "wrote" in proc.stderr
+    assert stats["thresholds"] == [3.0, 2.0]
+    assert stats["apt_patches"] < 0.8 * stats["uniform_patches"]
+    assert stats["patches_per_scale"]["28"] > 0 and stats["patches_per_scale"]["56"] > 0
+    assert "no patch merged" not in proc.stderr
+
+
+def test_sample_photo_ships_inside_the_package():
+    """Found after `pip install` too (no matplotlib sample data), small, with its provenance beside it."""
+    path = vp.sample_image_path()
+    assert path.parent == ROOT / "apt_vis" / "data" and path.is_file()
+    assert path.stat().st_size <= 300 * 1024
+    notes = (path.parent / "README.md").read_text()
+    assert path.name in notes and "public domain" in notes.lower()
 
 
 def test_quiet_prints_nothing_on_success(tmp_path):
@@ -95,7 +109,7 @@ def test_wrapper_script_without_arguments_uses_sample(tmp_path):
                           text=True)
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "visualizations" / "stats.json").read_text())["image"].endswith(
-        "grace_hopper.jpg")
+        "pearl_earring.jpg")
 
 
 def test_wrapper_uses_conda_env_when_the_interpreter_lacks_dependencies(tmp_path):
