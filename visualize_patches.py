@@ -45,7 +45,15 @@ if __name__ == "__main__":
     _spec = importlib.util.spec_from_file_location("visualize_patches", __file__)
     _core = importlib.util.module_from_spec(_spec)
     sys.modules["visualize_patches"] = _core
-    _spec.loader.exec_module(_core)
+    try:
+        _spec.loader.exec_module(_core)
+    except ModuleNotFoundError as _missing:
+        if _missing.name != "torch":
+            raise
+        # torch is an extra of the pip package (see the README's Set-up): one line, not a traceback
+        sys.stderr.write("ERROR   torch is not installed: pip install torch (CPU only: pip install torch "
+                         "--index-url https://download.pytorch.org/whl/cpu); see the README's Set-up\n")
+        sys.exit(1)
     sys.exit(_core.cli())
 
 import argparse
@@ -77,16 +85,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-try:
-    import torch
-    import torch.nn.functional as F
-except ModuleNotFoundError as _missing:
-    if __name__ != "__main__" or _missing.name != "torch":
-        raise
-    # torch is an extra of the pip package (see the README's Set-up): one line, not a traceback
-    sys.stderr.write("ERROR   torch is not installed: pip install torch (CPU only: pip install torch --index-url "
-                     "https://download.pytorch.org/whl/cpu); see the README's Set-up\n")
-    sys.exit(1)
+import torch
+import torch.nn.functional as F
 from loguru import logger
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 

@@ -19,7 +19,7 @@ def _stop_during_start_up(signum, frame):
 
 
 def main() -> None:
-    # as the script does until main() installs its own handlers: a stop signal while torch imports
+    # as the script does until cli() installs its own handlers: a stop signal while torch imports
     # (over a second) ends the run with one line instead of a traceback
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop_during_start_up)
@@ -30,4 +30,4 @@ def main() -> None:
             raise
         sys.stderr.write(f"ERROR   {exc.name} is not installed: {INSTALL_HINTS[exc.name]}\n")
         sys.exit(1)
-    sys.exit(visualize_patches.main())
+    sys.exit(visualize_patches.cli())
