@@ -306,6 +306,8 @@ def sample_frame_indices(
     count = math.floor(min(max(wanted, min_frames), cap, total_frames) / t) * t
     if count <= 0:  # fewer frames than one temporal patch allows (transformers divides by zero here)
         count = min(total_frames, max_frames)
+        # the float step total/count can make arange yield count + 1 values: keep the first count
+        return torch.arange(0, total_frames, total_frames / count).int().tolist()[:count]
     return torch.arange(0, total_frames, total_frames / count).int().tolist()
 
 
