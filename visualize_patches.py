@@ -2720,8 +2720,9 @@ def resize_frame(rgb: np.ndarray, size: tuple[int, int], resample: int = BICUBIC
         return rgb  # torchvision returns the frame untouched
     mode = VIDEO_RESIZE_MODES.get(resample)
     if mode is None:
+        supported = ", ".join(f"{k} ({RESAMPLE_NAMES[k]})" for k in VIDEO_RESIZE_MODES)
         raise ToolError(f"resample {resample} ({RESAMPLE_NAMES.get(resample, 'unknown')}) is not supported for "
-                        f"video frames; supported: " + ", ".join(f"{k} ({RESAMPLE_NAMES[k]})" for k in VIDEO_RESIZE_MODES))
+                        f"video frames; supported: {supported}")
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, 3, H, W)
     native = mode != "bilinear" or (torch.backends.cpu.get_cpu_capability() in NATIVE_UINT8_BILINEAR_CPUS
                                     or platform.machine() in NATIVE_UINT8_BILINEAR_MACHINES)
@@ -2780,7 +2781,8 @@ def video_tube_maps(job: Job, settings: Settings, device: torch.device,
     maps = []
     pending: list[np.ndarray] = []
     batch = CUDA_BATCH if device.type == "cuda" else 1
-    for tube in iter_tubes(iter_sampled_frames(job.path, indices, size, settings.resample), settings.temporal_patch_size):
+    frames = iter_sampled_frames(job.path, indices, size, settings.resample)
+    for tube in iter_tubes(frames, settings.temporal_patch_size):
         pending.append(tube)
         if len(pending) >= batch:
             maps += compute_maps(pending, settings, device)
