@@ -69,6 +69,7 @@ import io
 import json
 import math
 import multiprocessing
+import platform
 import select
 import shutil
 import tempfile
@@ -115,6 +116,57 @@ QWEN2VL_VIDEO_MAX_PIXELS = 28 * 28 * 768
 QWEN2VL_VIDEO_FPS = 2.0
 QWEN2VL_VIDEO_MIN_FRAMES = 4
 QWEN2VL_VIDEO_MAX_FRAMES = 768
+
+# Resampling, as PIL's codes (Image.Resampling), the form of preprocessor_config.json's "resample".
+# Every Qwen-VL processor resizes bicubic (resample 3). Images are resized by PIL (as transformers'
+# Qwen2VLImageProcessorPil); video frames as transformers' video processors do on the CPU: torchvision's
+# resize, which calls torch's interpolate with antialias (see resize_frame).
+RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+BICUBIC = 3
+
+# --model: every number of a preset, with its source. "class" is transformers 5.24's processor class
+# defaults (Qwen2VLImageProcessor, Qwen2VLVideoProcessor, Qwen3VLVideoProcessor); "config" is the model
+# repository's published preprocessor_config.json / video_preprocessor_config.json on Hugging Face;
+# "qwen-vl-utils" is the Qwen team's reference preprocessing (vision_process.py: FPS = 2.0).
+QWEN25VL_MAX_PIXELS = 12845056  # config: Qwen/Qwen2.5-VL-7B-Instruct/preprocessor_config.json "max_pixels"
+QWEN3VL_PATCH_SIZE = 16  # config: Qwen/Qwen3-VL-2B-Instruct/preprocessor_config.json "patch_size"
+QWEN3VL_MEAN = QWEN3VL_STD = (0.5, 0.5, 0.5)  # config: Qwen3-VL's "image_mean" / "image_std"
+QWEN3VL_MIN_PIXELS = 65536  # config: Qwen3-VL's preprocessor_config.json size.shortest_edge
+QWEN3VL_MAX_PIXELS = 16777216  # config: Qwen3-VL's preprocessor_config.json size.longest_edge
+QWEN3VL_VIDEO_MIN_PIXELS = 4096  # config: Qwen3-VL's video_preprocessor_config.json size.shortest_edge
+QWEN3VL_VIDEO_MAX_PIXELS = 25165824  # config: same file, size.longest_edge (frames x height x width)
+# Qwen3-VL video_preprocessor_config.json also gives fps 2, min_frames 4, max_frames 768 (= the class's).
+MODEL_PRESETS: dict[str, dict] = {
+    "qwen2-vl": dict(  # class defaults (today's defaults; the published file raises max_pixels to 12845056)
+        patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=QWEN2VL_MIN_PIXELS,
+        max_pixels=QWEN2VL_MAX_PIXELS, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        video_min_pixels=QWEN2VL_VIDEO_MIN_PIXELS, video_max_pixels=QWEN2VL_VIDEO_MAX_PIXELS,
+        fps=QWEN2VL_VIDEO_FPS, min_frames=QWEN2VL_VIDEO_MIN_FRAMES, max_frames=QWEN2VL_VIDEO_MAX_FRAMES),
+    "qwen2.5-vl": dict(  # config for images (patch 14, merge 2, temporal 2, min 3136, CLIP mean/std);
+        # video numbers: the class defaults (Qwen2.5-VL uses Qwen2VLVideoProcessor) = qwen-vl-utils' VIDEO_*_PIXELS
+        patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=QWEN2VL_MIN_PIXELS,
+        max_pixels=QWEN25VL_MAX_PIXELS, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+        video_min_pixels=QWEN2VL_VIDEO_MIN_PIXELS, video_max_pixels=QWEN2VL_VIDEO_MAX_PIXELS,
+        fps=QWEN2VL_VIDEO_FPS, min_frames=QWEN2VL_VIDEO_MIN_FRAMES, max_frames=QWEN2VL_VIDEO_MAX_FRAMES),
+    "qwen3-vl": dict(  # config (both files; merge 2 and temporal 2 there too)
+        patch_size=QWEN3VL_PATCH_SIZE, temporal_patch_size=2, merge_size=2, min_pixels=QWEN3VL_MIN_PIXELS,
+        max_pixels=QWEN3VL_MAX_PIXELS, image_mean=QWEN3VL_MEAN, image_std=QWEN3VL_STD,
+        video_min_pixels=QWEN3VL_VIDEO_MIN_PIXELS, video_max_pixels=QWEN3VL_VIDEO_MAX_PIXELS,
+        fps=2.0, min_frames=4, max_frames=768),
+}
+DEFAULT_MODEL = "qwen2-vl"
+# Which transformers video processor a model's videos follow: frame sampling and sizing differ.
+VIDEO_PROCESSOR_OF = {"qwen2-vl": "Qwen2VLVideoProcessor", "qwen2.5-vl": "Qwen2VLVideoProcessor",
+                      "qwen3-vl": "Qwen3VLVideoProcessor"}
+
+# --cap-pixels-per-frame, as transformers' video processors' cap_pixels_per_frame (qwen-vl-utils'
+# behaviour): Qwen2VLVideoProcessor shares 90 % of max_video_tokens = 128000 tokens' pixels among the
+# frames; Qwen3VLVideoProcessor caps each frame at max_video_tokens = 768 tokens; both floor a frame at
+# 1.05 x the minimum pixels.
+QWEN2VL_CAP_VIDEO_TOKENS = 128000
+QWEN2VL_CAP_BUDGET_SHARE = 0.9
+QWEN3VL_CAP_FRAME_TOKENS = 768
+CAP_MIN_PIXELS_FACTOR = 1.05
 
 # APT reference (arXiv 2510.18091, entropy_utils.py): grayscale by the luma
 # weights 0.2989 / 0.5870 / 0.1140 and a 512-bin histogram over [0, 256).
@@ -221,8 +273,11 @@ class Settings:
     fps: float = QWEN2VL_VIDEO_FPS  # video frames sampled per second
     min_frames: int = QWEN2VL_VIDEO_MIN_FRAMES
     max_frames: int = QWEN2VL_VIDEO_MAX_FRAMES
-    video_min_pixels: int = QWEN2VL_VIDEO_MIN_PIXELS
+    video_min_pixels: int = QWEN2VL_VIDEO_MIN_PIXELS  # Qwen3-VL: over all sampled frames (t x h x w)
     video_max_pixels: int = QWEN2VL_VIDEO_MAX_PIXELS
+    model: str = DEFAULT_MODEL  # a key of MODEL_PRESETS; picks the video processor's rules too
+    resample: int = BICUBIC  # PIL's resampling code, for images and video frames
+    cap_pixels_per_frame: bool = False  # transformers' cap_pixels_per_frame (off, as its 5.24 default)
 
     @property
     def num_scales(self) -> int:
@@ -321,7 +376,57 @@ def sample_frame_indices(
     count = math.floor(min(max(wanted, min_frames), cap, total_frames) / t) * t
     if count <= 0:  # fewer frames than one temporal patch allows (transformers divides by zero here)
         count = min(total_frames, max_frames)
+        # the float step total/count can make arange yield count + 1 values: keep the first count
+        return torch.arange(0, total_frames, total_frames / count).int().tolist()[:count]
     return torch.arange(0, total_frames, total_frames / count).int().tolist()
+
+
+def sample_frame_indices_qwen3(total_frames: int, video_fps: float, fps: float, min_frames: int,
+                               max_frames: int) -> list[int]:
+    """Indices of the frames Qwen3-VL samples, as transformers' Qwen3VLVideoProcessor.sample_frames:
+    int(duration * fps) frames clamped to [min_frames, max_frames] and the video's length, spread
+    evenly from the first frame to the last (numpy's linspace, rounded half to even). The count
+    need not be a multiple of the temporal patch size: the last tube is padded."""
+    count = min(max(int(total_frames / video_fps * fps), min_frames), max_frames, total_frames)
+    return np.linspace(0, total_frames - 1, count).round().astype(int).tolist()
+
+
+def smart_resize_qwen3_video(num_frames: int, height: int, width: int, temporal_factor: int, factor: int,
+                             min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen3-VL's frame size, as transformers' qwen3_vl video smart_resize: the pixel limits bound
+    frames x height x width, sides too short for one factor are first scaled up. transformers
+    refuses num_frames < temporal_factor; here such a clip is sized as its padded tube."""
+    num_frames = max(num_frames, temporal_factor)
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    aspect = max(height, width) / min(height, width)
+    if aspect > QWEN2VL_MAX_ASPECT_RATIO:
+        raise ValueError(f"aspect ratio {aspect:.1f} exceeds Qwen-VL's limit of {QWEN2VL_MAX_ASPECT_RATIO}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt((num_frames * height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def capped_video_max_pixels(video_processor: str, num_frames: int, factor: int, temporal_factor: int,
+                            min_pixels: int, max_pixels: int) -> int:
+    """max_pixels for smart_resize under cap_pixels_per_frame, exactly as the named transformers
+    video processor's resize computes it from the number of sampled frames."""
+    floor = int(min_pixels * CAP_MIN_PIXELS_FACTOR)
+    if video_processor == "Qwen3VLVideoProcessor":
+        frame_cap = QWEN3VL_CAP_FRAME_TOKENS * factor * factor
+        return max(min(frame_cap, max_pixels // num_frames), floor) * num_frames
+    total_pixels = int(QWEN2VL_CAP_VIDEO_TOKENS * factor * factor * QWEN2VL_CAP_BUDGET_SHARE)
+    return max(min(max_pixels, total_pixels * temporal_factor // num_frames), floor)
 
 
 # ---------------------------------------------------------------------------
@@ -1695,7 +1800,12 @@ def load_processor_settings(path: Path) -> dict:
     except (OSError, ValueError, TypeError) as exc:
         raise ToolError(f"{config}: not a Qwen2-VL image processor config ({exc})") from None
     size = processor.size
+    resample = processor.resample
+    if not (isinstance(resample, int) and int(resample) in RESAMPLE_NAMES):  # PILImageResampling is an int
+        raise ToolError(f"{config}: unknown \"resample\": {resample!r} (PIL's codes: "
+                        + ", ".join(f"{k} {v}" for k, v in RESAMPLE_NAMES.items()) + ")")
     return {
+        "resample": int(resample),
         "patch_size": int(processor.patch_size), "merge_size": int(processor.merge_size),
         "temporal_patch_size": int(processor.temporal_patch_size),
         "min_pixels": int(size.shortest_edge), "max_pixels": int(size.longest_edge),
@@ -1735,13 +1845,14 @@ class Prepared:
 
 
 def resize_for_qwen2vl(image: Image.Image, settings: Settings, label: str = "image") -> np.ndarray:
-    """RGB PIL image -> (H, W, 3) uint8 at smart_resize's size (image pixel limits), PIL bicubic."""
+    """RGB PIL image -> (H, W, 3) uint8 at smart_resize's size (image pixel limits), resampled by PIL
+    with settings.resample (bicubic unless a processor config says otherwise), as Qwen2VLImageProcessorPil."""
     try:
         height, width = smart_resize(image.height, image.width, settings.factor, settings.min_pixels,
                                      settings.max_pixels)
     except ValueError as exc:
         raise ToolError(f"{label}: {exc}") from None
-    return np.array(image.resize((width, height), Image.Resampling.BICUBIC))
+    return np.array(image.resize((width, height), Image.Resampling(settings.resample)))
 
 
 def prepare_image(job: Job, settings: Settings, pictures: bool) -> Prepared:
@@ -2622,20 +2733,75 @@ def probe_video(path: Path) -> VideoInfo:
         capture.release()
 
 
-def video_plan(info: VideoInfo, settings: Settings, label: str) -> tuple[list[int], tuple[int, int]]:
-    """(sampled frame indices, resized (H, W)) for a video."""
+def _plan_qwen2vl(info: VideoInfo, settings: Settings) -> tuple[list[int], tuple[int, int]]:
+    """Qwen2VLVideoProcessor: fps sampling floored to whole tubes, per-frame pixel limits."""
     indices = sample_frame_indices(info.total_frames, info.fps, settings.fps, settings.temporal_patch_size,
                                    settings.min_frames, settings.max_frames)
-    try:
-        size = smart_resize(info.height, info.width, settings.factor, settings.video_min_pixels,
-                            settings.video_max_pixels)
-    except ValueError as exc:
-        raise ToolError(f"{label}: {exc}") from None
+    max_pixels = settings.video_max_pixels
+    if settings.cap_pixels_per_frame:
+        max_pixels = capped_video_max_pixels("Qwen2VLVideoProcessor", len(indices), settings.factor,
+                                             settings.temporal_patch_size, settings.video_min_pixels, max_pixels)
+    return indices, smart_resize(info.height, info.width, settings.factor, settings.video_min_pixels, max_pixels)
+
+
+def _plan_qwen3vl(info: VideoInfo, settings: Settings) -> tuple[list[int], tuple[int, int]]:
+    """Qwen3VLVideoProcessor: linspace sampling, pixel limits over all sampled frames."""
+    indices = sample_frame_indices_qwen3(info.total_frames, info.fps, settings.fps, settings.min_frames,
+                                         settings.max_frames)
+    max_pixels = settings.video_max_pixels
+    if settings.cap_pixels_per_frame:
+        max_pixels = capped_video_max_pixels("Qwen3VLVideoProcessor", len(indices), settings.factor,
+                                             settings.temporal_patch_size, settings.video_min_pixels, max_pixels)
+    size = smart_resize_qwen3_video(len(indices), info.height, info.width, settings.temporal_patch_size,
+                                    settings.factor, settings.video_min_pixels, max_pixels)
     return indices, size
 
 
-def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int]) -> Iterator[np.ndarray]:
-    """Stream the sampled frames as (H, W, 3) uint8 RGB at `size` (PIL bicubic), one at a time."""
+VIDEO_PLANS = {"Qwen2VLVideoProcessor": _plan_qwen2vl, "Qwen3VLVideoProcessor": _plan_qwen3vl}
+
+
+def video_plan(info: VideoInfo, settings: Settings, label: str) -> tuple[list[int], tuple[int, int]]:
+    """(sampled frame indices, resized (H, W)) for a video, by the rules of the model's video processor."""
+    try:
+        return VIDEO_PLANS[VIDEO_PROCESSOR_OF[settings.model]](info, settings)
+    except ValueError as exc:
+        raise ToolError(f"{label}: {exc}") from None
+
+
+# Video frames are resized as transformers' video processors do on the CPU (BaseVideoProcessor ->
+# TorchvisionBackend.resize -> torchvision.transforms.v2.functional.resize_image, antialias=True):
+# torch's interpolate on the (1, 3, H, W) uint8 tensor itself for bicubic and nearest, and for bilinear
+# where torchvision trusts torch's uint8 kernel (AVX2/AVX512 or ARM CPUs); elsewhere on float32, then
+# rounded and cast to uint8. PIL's codes map to modes as transformers' pil_torch_interpolation_mapping.
+VIDEO_RESIZE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
+NATIVE_UINT8_BILINEAR_CPUS = ("AVX2", "AVX512")  # torchvision _do_native_uint8_resize_on_cpu
+NATIVE_UINT8_BILINEAR_MACHINES = ("aarch64", "arm64")
+
+
+def resize_frame(rgb: np.ndarray, size: tuple[int, int], resample: int = BICUBIC) -> np.ndarray:
+    """(H, W, 3) uint8 -> (h, w, 3) uint8 at size (h, w), pixel for pixel as transformers' video
+    processors resize frames on the CPU (torchvision's resize, without importing torchvision)."""
+    if rgb.shape[:2] == tuple(size):
+        return rgb  # torchvision returns the frame untouched
+    mode = VIDEO_RESIZE_MODES.get(resample)
+    if mode is None:
+        supported = ", ".join(f"{k} ({RESAMPLE_NAMES[k]})" for k in VIDEO_RESIZE_MODES)
+        raise ToolError(f"resample {resample} ({RESAMPLE_NAMES.get(resample, 'unknown')}) is not supported for "
+                        f"video frames; supported: {supported}")
+    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, 3, H, W)
+    native = mode != "bilinear" or (torch.backends.cpu.get_cpu_capability() in NATIVE_UINT8_BILINEAR_CPUS
+                                    or platform.machine() in NATIVE_UINT8_BILINEAR_MACHINES)
+    smooth = mode != "nearest-exact"  # torchvision: antialias and align_corners=False for these modes only
+    y = F.interpolate(x if native else x.float(), size=tuple(size), mode=mode,
+                      align_corners=False if smooth else None, antialias=smooth)
+    if not native:
+        y = y.round_().to(torch.uint8)
+    return y[0].permute(1, 2, 0).contiguous().numpy()
+
+
+def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int],
+                        resample: int = BICUBIC) -> Iterator[np.ndarray]:
+    """Stream the sampled frames as (H, W, 3) uint8 RGB at `size` (see resize_frame), one at a time."""
     cv2 = _cv2()
     try:
         capture = cv2.VideoCapture(str(path))
@@ -2653,9 +2819,10 @@ def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int
                 ok, frame = capture.retrieve()
                 if not ok or frame is None:
                     raise ToolError(f"{path}: cannot decode frame {position} (truncated or corrupt)")
-                rgb = Image.fromarray(np.ascontiguousarray(frame[..., ::-1]))
-                yield np.array(rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC))
-                target = next(wanted, None)
+                resized = resize_frame(frame[..., ::-1], size, resample)
+                while target == position:  # an index sampled twice is yielded twice
+                    yield resized
+                    target = next(wanted, None)
             position += 1
     except cv2.error as exc:  # raised by grab or retrieve (a consumer's exceptions never enter at the yield)
         raise _opencv_failure(path, "read", exc) from None
@@ -2683,7 +2850,8 @@ def video_tube_maps(job: Job, settings: Settings, scorer: Scorer,
     indices, size = video_plan(info, settings, job.label)
     maps = []
     pending: list[np.ndarray] = []
-    for tube in iter_tubes(iter_sampled_frames(job.path, indices, size), settings.temporal_patch_size):
+    frames = iter_sampled_frames(job.path, indices, size, settings.resample)
+    for tube in iter_tubes(frames, settings.temporal_patch_size):
         pending.append(tube)
         if len(pending) >= scorer.batch:
             maps += scorer.maps(pending, settings)
@@ -2742,8 +2910,10 @@ def video_stats(job: Job, info: VideoInfo, indices: Sequence[int], size: tuple[i
     uniform = grid_t * (h // settings.patch_size) * (w // settings.patch_size)
     stats = stats_record(job.label, "video", (info.width, info.height), size, settings, totals, uniform,
                          device, timings)
+    # padded_frames: copies of the last sampled frame that fill its tube (as transformers' patchify pads)
     stats.update(frames_total=info.total_frames, video_fps=info.fps, frames_sampled=len(indices),
-                 frame_indices=list(indices), temporal_patches=grid_t, per_temporal_patch=per_tube)
+                 frame_indices=list(indices), padded_frames=grid_t * t - len(indices), temporal_patches=grid_t,
+                 per_temporal_patch=per_tube)
     return stats
 
 
@@ -2804,7 +2974,7 @@ def _write_video_pictures(job, staging, indices, size, settings, options, tube_m
     gif_frames: list[Image.Image] = []
     gif_scale = min(1.0, GIF_MAX_WIDTH / w)
     try:
-        for k, frame in enumerate(iter_sampled_frames(job.path, indices, size)):
+        for k, frame in enumerate(iter_sampled_frames(job.path, indices, size, settings.resample)):
             tube = k // t
             overlay = draw_patch_borders(frame, tube_masks[tube], options.line_color, options.line_thickness, colors)
             overlay_writer.write(overlay)
@@ -2890,8 +3060,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Visualise APT (Adaptive Patch Tokenization) for Qwen2-VL: multi-scale importance heatmaps, "
         "the chosen patches, an interactive threshold explorer, raw maps and token counts, for images, "
         "folders of images and videos.",
-        epilog="Flags that default to the Qwen2-VL processor's values can also come from --processor; "
-        "explicit flags win.",
+        epilog="The defaults shown for model and video flags are --model qwen2-vl's; another --model, then "
+        "--processor, replace them; explicit flags win over both.",
     )
     parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="Image or video files, folders (searched recursively) or glob patterns. A single "
@@ -2900,7 +3070,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", type=Path, default=Path(DEFAULT_OUTPUT_DIR), metavar="DIR",
                         help=f"Directory for the outputs; created if missing (default: {DEFAULT_OUTPUT_DIR}).")
 
-    model = parser.add_argument_group("model geometry (Qwen2-VL image processor)")
+    model = parser.add_argument_group("model geometry (Qwen-VL image processor)")
+    model.add_argument("--model", choices=tuple(MODEL_PRESETS), default=DEFAULT_MODEL,
+                       help="Which Qwen-VL generation's processor to follow: its patch, merge and temporal sizes, "
+                       "pixel limits, mean/std, video frame sampling and sizing (see the README's table of "
+                       "presets and their sources). --processor and explicit flags win over it "
+                       "(default: %(default)s).")
     model.add_argument("--patch-size", type=positive_int, metavar="PX",
                        help=f"Base ViT patch side in pixels; scales are PX * 2**i (default: {d.patch_size}).")
     model.add_argument("--temporal-patch-size", type=positive_int, metavar="N",
@@ -2964,7 +3139,11 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--video-min-pixels", type=positive_int, metavar="N",
                        help=f"smart_resize lower bound per video frame (default: {d.video_min_pixels}).")
     video.add_argument("--video-max-pixels", type=positive_int, metavar="N",
-                       help=f"smart_resize upper bound per video frame (default: {d.video_max_pixels}).")
+                       help=f"smart_resize upper bound per video frame (default: {d.video_max_pixels}). "
+                       "For --model qwen3-vl both bounds apply to frames x height x width, as its processor does.")
+    video.add_argument("--cap-pixels-per-frame", action="store_true",
+                       help="Shrink frames when many are sampled, as transformers' cap_pixels_per_frame=True "
+                       "(qwen-vl-utils' behaviour; off by default, as in transformers 5.24).")
 
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
@@ -2978,7 +3157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 SETTINGS_FLAGS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels", "method",
                   "aggregate", "target_ratio", "fps", "min_frames", "max_frames", "video_min_pixels",
-                  "video_max_pixels")
+                  "video_max_pixels")  # None when not given; --model and --processor set them otherwise
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, RenderOptions, Scorer]:
@@ -2991,7 +3170,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings
                      "(the default thresholds are entropy bits)")
     if args.aggregate is not None and args.method != "laplacian":
         parser.error("--aggregate applies to --method laplacian only")
-    base = Settings()
+    base = Settings(**MODEL_PRESETS[args.model], model=args.model, cap_pixels_per_frame=args.cap_pixels_per_frame)
     if args.processor is not None:
         try:
             base = replace(base, **load_processor_settings(args.processor))

@@ -84,3 +84,23 @@ def test_processor_without_transformers(tmp_path):
     proc = run_cli(PEARL, "-o", tmp_path / "o2", "-q", env={"PYTHONPATH": str(fake)})
     assert proc.returncode == 0, proc.stderr
     assert Image.open(tmp_path / "o2" / "patches_visualization.jpg").size == (840, 980)
+
+
+@pytest.mark.parametrize("resample", [2, 0, 1, 4, 5])
+def test_resample_in_config_is_honoured(tmp_path, resample):
+    """A config's "resample" (PIL's codes) resizes images as Qwen2VLImageProcessorPil does with it."""
+    small = {**QWEN2_VL, "max_pixels": 200704}  # a smaller resized photo keeps the test quick
+    path = write_config(tmp_path / "model", {**small, "resample": resample})
+    settings = vp.Settings(**vp.load_processor_settings(path))
+    config = {k: v for k, v in small.items() if k != "image_processor_type"}
+    out = Qwen2VLImageProcessorPil(**config, resample=resample)(images=vp.load_image(PEARL), return_tensors="np")
+    ref = unpatchify(out["pixel_values"], out["image_grid_thw"][0], 14, 2, 2)
+    mine = vp.normalize_image(vp.resize_for_qwen2vl(vp.load_image(PEARL), settings), vp.CLIP_MEAN, vp.CLIP_STD)
+    assert mine.shape == ref.shape and np.abs(mine - ref).max() <= 1e-6
+
+
+def test_unknown_resample_is_one_line(tmp_path):
+    path = write_config(tmp_path / "model", {**QWEN2_VL, "resample": 9})
+    proc = run_cli(PEARL, "-o", tmp_path / "o", "--processor", path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert '"resample": 9' in proc.stderr and "3 bicubic" in proc.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from PIL import Image
 
 import visualize_patches as vp
@@ -40,9 +40,60 @@ def transformers_sample_frames():
 SAMPLE_FRAMES = transformers_sample_frames()
 
 
+def transformers_source_function(module: str, name: str, cls: str | None = None, **namespace):
+    """A function (or a method, given its class) from transformers' source, compiled without importing
+    its module (the video processor modules need torchvision)."""
+    import transformers.models as models
+
+    package, file = module.split(".")
+    tree = ast.parse((Path(models.__file__).parent / package / f"{file}.py").read_text())
+    body = tree.body
+    if cls is not None:
+        body = next(n for n in body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    fn = next(n for n in body if isinstance(n, ast.FunctionDef) and n.name == name)
+    fn.decorator_list, fn.returns = [], None
+    for arg in fn.args.args + fn.args.kwonlyargs:
+        arg.annotation = None
+    scope = {"math": math, "np": np, **namespace}
+    exec(compile(ast.fix_missing_locations(ast.Module(body=[fn], type_ignores=[])), name, "exec"), scope)
+    return scope[name]
+
+
+QWEN3_SAMPLE_FRAMES = transformers_source_function("qwen3_vl.video_processing_qwen3_vl", "sample_frames",
+                                                   "Qwen3VLVideoProcessor", logger=None)
+QWEN3_SMART_RESIZE = transformers_source_function("qwen3_vl.video_processing_qwen3_vl", "smart_resize")
+
+
+@settings(max_examples=300, deadline=None)
+@given(total=st.integers(1, 3000), video_fps=st.floats(1, 120), fps=st.floats(0.1, 10),
+       min_frames=st.integers(1, 16), extra=st.integers(0, 800))
+def test_qwen3_sampling_matches_transformers(total, video_fps, fps, min_frames, extra):
+    from transformers.video_utils import VideoMetadata
+
+    max_frames = min_frames + extra
+    processor = types.SimpleNamespace(fps=fps, min_frames=min_frames, max_frames=max_frames)
+    theirs = QWEN3_SAMPLE_FRAMES(processor, VideoMetadata(total_num_frames=total, fps=video_fps)).tolist()
+    assert vp.sample_frame_indices_qwen3(total, video_fps, fps, min_frames, max_frames) == theirs
+
+
+@settings(max_examples=400, deadline=None)
+@given(frames=st.integers(2, 800), h=st.integers(1, 3000), w=st.integers(1, 3000),
+       low=st.integers(1, 2**22), span=st.integers(0, 2**25))
+def test_qwen3_video_size_matches_transformers(frames, h, w, low, span):
+    args = dict(temporal_factor=2, factor=32, min_pixels=low, max_pixels=low + span)
+    try:
+        theirs = QWEN3_SMART_RESIZE(frames, h, w, **args)
+    except ValueError:  # aspect ratio over 200
+        with pytest.raises(ValueError):
+            vp.smart_resize_qwen3_video(frames, h, w, 2, 32, low, low + span)
+        return
+    assert vp.smart_resize_qwen3_video(frames, h, w, 2, 32, low, low + span) == theirs
+
+
 @settings(max_examples=400, deadline=None)
 @given(total=st.integers(1, 3000), video_fps=st.floats(1, 120), fps=st.floats(0.1, 10), t=st.integers(1, 3),
        min_frames=st.integers(1, 16), extra=st.integers(0, 800))
+@example(total=228, video_fps=65.0, fps=0.5, t=3, min_frames=2, extra=23)  # float steps once gave 26 of 25 frames
 def test_sampling_matches_transformers(total, video_fps, fps, t, min_frames, extra):
     from transformers.video_utils import VideoMetadata
 
@@ -89,8 +140,8 @@ def decode(path: Path, indices, size):
         if not ok:
             break
         if k in indices:
-            rgb = Image.fromarray(np.ascontiguousarray(frame[..., ::-1]))
-            frames[k] = np.array(rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC))
+            # frames resized as transformers' video processor does (tested in test_video_resize.py)
+            frames[k] = vp.resize_frame(frame[..., ::-1], size)
         k += 1
     return frames
 
@@ -170,6 +221,7 @@ def test_short_video_pads_the_last_tube(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["frames_sampled"] == 1 and stats["temporal_patches"] == 1
     assert stats["per_temporal_patch"][0]["frames"] == [0]
+    assert stats["padded_frames"] == 1  # the one frame, repeated to fill the two-frame tube
 
 
 def bad_video(tmp_path, kind):
