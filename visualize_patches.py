@@ -59,28 +59,20 @@ if __name__ == "__main__":
 import argparse
 import csv
 import ctypes
-import errno
 import fcntl
 import functools
 import gc
-import glob
 import importlib
 import io
 import json
 import math
-import multiprocessing
-import platform
-import select
 import shutil
 import tempfile
 import threading
 import time
 import warnings
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -359,76 +351,6 @@ def padded_cells(height: int, width: int, patch_size: int) -> np.ndarray:
     return pad
 
 
-def sample_frame_indices(
-    total_frames: int, video_fps: float, fps: float, temporal_patch_size: int, min_frames: int, max_frames: int
-) -> list[int]:
-    """Indices of the frames Qwen2-VL samples from a video, as transformers'
-    Qwen2VLVideoProcessor.sample_frames: fps frames per second, clamped to
-    [min_frames, max_frames] and the video's length, floored to a multiple of
-    temporal_patch_size, spread uniformly. When that leaves no frame (a video, or
-    max_frames, shorter than one temporal patch), min(total, max_frames) frames are
-    taken; the last tube is then padded by repeating its last frame, as Qwen2-VL's
-    patchify does.
-    """
-    t = temporal_patch_size
-    cap = math.floor(min(max_frames, total_frames) / t) * t
-    wanted = total_frames / video_fps * fps
-    count = math.floor(min(max(wanted, min_frames), cap, total_frames) / t) * t
-    if count <= 0:  # fewer frames than one temporal patch allows (transformers divides by zero here)
-        count = min(total_frames, max_frames)
-        # the float step total/count can make arange yield count + 1 values: keep the first count
-        return torch.arange(0, total_frames, total_frames / count).int().tolist()[:count]
-    return torch.arange(0, total_frames, total_frames / count).int().tolist()
-
-
-def sample_frame_indices_qwen3(total_frames: int, video_fps: float, fps: float, min_frames: int,
-                               max_frames: int) -> list[int]:
-    """Indices of the frames Qwen3-VL samples, as transformers' Qwen3VLVideoProcessor.sample_frames:
-    int(duration * fps) frames clamped to [min_frames, max_frames] and the video's length, spread
-    evenly from the first frame to the last (numpy's linspace, rounded half to even). The count
-    need not be a multiple of the temporal patch size: the last tube is padded."""
-    count = min(max(int(total_frames / video_fps * fps), min_frames), max_frames, total_frames)
-    return np.linspace(0, total_frames - 1, count).round().astype(int).tolist()
-
-
-def smart_resize_qwen3_video(num_frames: int, height: int, width: int, temporal_factor: int, factor: int,
-                             min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen3-VL's frame size, as transformers' qwen3_vl video smart_resize: the pixel limits bound
-    frames x height x width, sides too short for one factor are first scaled up. transformers
-    refuses num_frames < temporal_factor; here such a clip is sized as its padded tube."""
-    num_frames = max(num_frames, temporal_factor)
-    if height < factor or width < factor:
-        scale = max(factor / height, factor / width)
-        height, width = int(height * scale), int(width * scale)
-    aspect = max(height, width) / min(height, width)
-    if aspect > QWEN2VL_MAX_ASPECT_RATIO:
-        raise ValueError(f"aspect ratio {aspect:.1f} exceeds Qwen-VL's limit of {QWEN2VL_MAX_ASPECT_RATIO}")
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    t_bar = round(num_frames / temporal_factor) * temporal_factor
-    if t_bar * h_bar * w_bar > max_pixels:
-        beta = math.sqrt((num_frames * height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif t_bar * h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (num_frames * height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def capped_video_max_pixels(video_processor: str, num_frames: int, factor: int, temporal_factor: int,
-                            min_pixels: int, max_pixels: int) -> int:
-    """max_pixels for smart_resize under cap_pixels_per_frame, exactly as the named transformers
-    video processor's resize computes it from the number of sampled frames."""
-    floor = int(min_pixels * CAP_MIN_PIXELS_FACTOR)
-    if video_processor == "Qwen3VLVideoProcessor":
-        frame_cap = QWEN3VL_CAP_FRAME_TOKENS * factor * factor
-        return max(min(frame_cap, max_pixels // num_frames), floor) * num_frames
-    total_pixels = int(QWEN2VL_CAP_VIDEO_TOKENS * factor * factor * QWEN2VL_CAP_BUDGET_SHARE)
-    return max(min(max_pixels, total_pixels * temporal_factor // num_frames), floor)
-
-
 # ---------------------------------------------------------------------------
 # 3. Importance maps and masks
 # ---------------------------------------------------------------------------
@@ -679,115 +601,6 @@ class PatchTokenizer:
     def construct_masks(self, maps: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{patch size: scores} -> {patch size: bool mask of chosen patches}."""
         return select_patches(maps, self.thresholds)
-
-
-def _ancestor_minimum(maps: Mapping[int, np.ndarray]) -> dict[int, np.ndarray]:
-    """For each cell, the smallest score among the larger cells containing it (+inf if none).
-
-    With one shared threshold t, a cell of scale i >= 1 is chosen iff
-    score < t <= ancestor minimum, and a base cell iff t <= ancestor minimum.
-    NaN (padded) scores count as +inf: they never merge.
-    """
-    sizes = sorted(maps)
-    result: dict[int, np.ndarray] = {}
-    above = None  # ancestor minimum including the parent scale itself
-    for i in range(len(sizes) - 1, -1, -1):
-        rows, cols = maps[sizes[i]].shape
-        if above is None:
-            result[sizes[i]] = np.full((rows, cols), np.inf)
-        else:
-            result[sizes[i]] = np.repeat(np.repeat(above, 2, axis=0), 2, axis=1)[:rows, :cols]
-        own = np.nan_to_num(maps[sizes[i]], nan=np.inf, posinf=np.inf)
-        above = np.minimum(result[sizes[i]], own)
-    return {ps: result[ps] for ps in sizes}
-
-
-@dataclass
-class SharedThresholdCounts:
-    """Patch counts as a function of one threshold shared by all scales, exactly.
-
-    Built from any number of images' maps (one dataset); counts(t) is exact for
-    every t, by binary search over the scores where the count can change.
-    """
-
-    patch_sizes: tuple[int, ...]
-    lower: dict[int, np.ndarray]  # sorted scores of the cells that can be chosen (-inf for base)
-    upper: dict[int, np.ndarray]  # their ancestor minima, sorted
-    uniform: int  # base cells, i.e. patches without APT
-
-    @classmethod
-    def from_maps(cls, maps_list: Sequence[Mapping[int, np.ndarray]]) -> "SharedThresholdCounts":
-        sizes = tuple(sorted(maps_list[0]))
-        lower: dict[int, list] = {ps: [] for ps in sizes}
-        upper: dict[int, list] = {ps: [] for ps in sizes}
-        uniform = 0
-        for maps in maps_list:
-            minima = _ancestor_minimum(maps)
-            uniform += maps[sizes[0]].size
-            for i, ps in enumerate(sizes):
-                v = np.full(maps[ps].shape, -np.inf) if i == 0 else np.nan_to_num(maps[ps], nan=np.inf)
-                m = minima[ps]
-                possible = v < m  # else the interval v < t <= m is empty
-                lower[ps].append(v[possible].ravel())
-                upper[ps].append(m[possible].ravel())
-        return cls(
-            sizes,
-            {ps: np.sort(np.concatenate(lower[ps])) for ps in sizes},
-            {ps: np.sort(np.concatenate(upper[ps])) for ps in sizes},
-            uniform,
-        )
-
-    def counts(self, thresholds: np.ndarray) -> dict[int, np.ndarray]:
-        """{patch size: patches of that size} for each shared threshold t (vector)."""
-        t = np.asarray(thresholds, dtype=np.float64)
-        return {
-            ps: np.searchsorted(self.lower[ps], t, side="left") - np.searchsorted(self.upper[ps], t, side="left")
-            for ps in self.patch_sizes
-        }
-
-    def total(self, thresholds: np.ndarray) -> np.ndarray:
-        return sum(self.counts(thresholds).values())
-
-    def candidates(self) -> np.ndarray:
-        """One threshold inside every interval where the count is constant, ascending."""
-        values = np.concatenate([self.lower[ps] for ps in self.patch_sizes[1:]] + [np.empty(0)])
-        values = np.unique(values[np.isfinite(values)])
-        if values.size == 0:
-            return np.array([0.0])
-        return np.append(values, np.nextafter(values[-1], np.inf))
-
-    def useful_range(self) -> tuple[float, float]:
-        """Thresholds from 'nothing merges' to 'everything that can merge does'."""
-        c = self.candidates()
-        return float(c[0]), float(c[-1])
-
-
-def choose_shared_threshold(counts: SharedThresholdCounts, target_ratio: float) -> tuple[float, int]:
-    """(threshold, total patches) whose retained ratio is closest to target_ratio; ties go
-    to more patches. Exact: every distinct outcome is one candidate, and distances are
-    compared in rational arithmetic, so a target such as 0.5 exactly between two outcomes
-    is a true tie."""
-    candidates = counts.candidates()
-    totals = counts.total(candidates)  # non-increasing: a higher threshold never adds patches
-    goal = Fraction(target_ratio) * counts.uniform
-    lo, hi = 0, len(totals)  # first index whose total <= goal
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if totals[mid] <= goal:
-            hi = mid
-        else:
-            lo = mid + 1
-    options = [k for k in (lo - 1, lo) if 0 <= k < len(totals)]
-    best = min(options, key=lambda k: (abs(int(totals[k]) - goal), -int(totals[k])))
-    return float(candidates[best]), int(totals[best])
-
-
-def sweep_thresholds(counts: SharedThresholdCounts, points: int = 201) -> np.ndarray:
-    """Evenly spaced shared thresholds over the useful range, both ends included."""
-    lo, hi = counts.useful_range()
-    if hi <= lo:
-        return np.array([lo])
-    return np.unique(np.append(np.linspace(lo, hi, points), hi))
 
 
 # ---------------------------------------------------------------------------
@@ -1063,181 +876,10 @@ def add_scale_legend(image: Image.Image, counts: Mapping[int, int], colors: Sequ
     return out
 
 
-def _gradient_strip(width: int, vmin: float, vmax: float, caption: str) -> Image.Image:
-    """A 28 px strip: caption, min, an inferno ramp, max."""
-    strip = Image.new("RGB", (width, 28), (24, 24, 24))
-    draw = ImageDraw.Draw(strip)
-    lo, hi = format_tick(vmin), format_tick(vmax)
-    x = 8
-    draw.text((x, 14), caption, font=font(13), fill="white", anchor="lm")
-    x += _text_size(caption, 13)[0] + 12
-    draw.text((x, 14), lo, font=font(13), fill="white", anchor="lm")
-    x += _text_size(lo, 13)[0] + 6
-    ramp_w = max(40, min(240, width - x - _text_size(hi, 13)[0] - 20))
-    ramp = INFERNO[np.linspace(0, 255, ramp_w).round().astype(int)]
-    strip.paste(Image.fromarray(np.repeat(ramp[None], 14, axis=0)), (x, 7))
-    draw.text((x + ramp_w + 6, 14), hi, font=font(13), fill="white", anchor="lm")
-    return strip
-
-
-def blend_importance(rgb: np.ndarray, values: np.ndarray, patch_size: int, vmin: float, vmax: float) -> np.ndarray:
-    """(H, W, 3) uint8 image with each cell's colour over it at OVERLAY_ALPHA -> (H, W, 3) uint8.
-
-    Integer arithmetic: (w_image * pixel + w_cell * colour) / OVERLAY_WEIGHT, rounded half up.
-    """
-    h, w = rgb.shape[:2]
-    rows, cols = values.shape
-    colors = colorize(values, vmin, vmax).astype(np.uint16) * OVERLAY_CELL_WEIGHT
-    out = rgb.astype(np.uint16) * (OVERLAY_WEIGHT - OVERLAY_CELL_WEIGHT) + OVERLAY_WEIGHT // 2
-    # add each cell's weighted colour to its block of pixels through a (rows, p, cols, p, 3) view
-    full = np.zeros((rows * patch_size, cols * patch_size, 3), dtype=np.uint16)
-    full.reshape(rows, patch_size, cols, patch_size, 3)[...] = colors[:, None, :, None, :]
-    out += full[:h, :w]
-    out //= OVERLAY_WEIGHT
-    return out.astype(np.uint8)
-
-
-def render_importance_overlay(rgb: np.ndarray, values: np.ndarray, patch_size: int, label: str) -> Image.Image:
-    """The importance map of one scale blended over the resized image, with a colour key below."""
-    vmin, vmax = color_range(values)
-    blended = Image.fromarray(blend_importance(rgb, values, patch_size, vmin, vmax))
-    out = Image.new("RGB", (blended.width, blended.height + 28))
-    out.paste(blended, (0, 0))
-    out.paste(_gradient_strip(blended.width, vmin, vmax, f"{patch_size} px {label}"), (0, blended.height))
-    return out
-
-
 def _fit(image: Image.Image, width: int, height: int) -> Image.Image:
     scale = min(width / image.width, height / image.height)
     return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                         Image.Resampling.BILINEAR)
-
-
-def render_summary_panel(
-    title: str,
-    original: Image.Image,
-    original_size: tuple[int, int],
-    overlay: np.ndarray,
-    maps: Mapping[int, np.ndarray],
-    lines: Sequence[str],
-    label: str,
-) -> Image.Image:
-    """One picture for a report: original, the final patches, the key numbers, each scale's map.
-
-    original: a (possibly downscaled) copy of the input, original_size its true (W, H).
-    """
-    tile_w, tile_h, gap, head = 340, 380, 16, 46
-    sizes = sorted(maps)
-    columns = max(3, len(sizes))
-    width = columns * tile_w + (columns + 1) * gap
-    height = head + 2 * (tile_h + 26) + 3 * gap
-    panel = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(panel)
-    draw.text((gap, 14), title, font=font(18), fill="black")
-
-    def put(image: Image.Image, col: int, row: int, caption: str) -> None:
-        x = gap + col * (tile_w + gap)
-        y = head + row * (tile_h + 26 + gap)
-        fitted = _fit(image, tile_w, tile_h)
-        panel.paste(fitted, (x + (tile_w - fitted.width) // 2, y))
-        draw.text((x + tile_w / 2, y + tile_h + 4), caption, font=font(13), fill="black", anchor="mt")
-
-    put(original, 0, 0, f"original {original_size[0]} x {original_size[1]}")
-    put(Image.fromarray(overlay), 1, 0, f"APT patches on the resized {overlay.shape[1]} x {overlay.shape[0]}")
-    x, y = gap + 2 * (tile_w + gap) + 6, head + 4
-    for line in lines:
-        draw.text((x, y), line, font=font(14), fill="black")
-        y += 22
-    for col, ps in enumerate(sizes):
-        vmin, vmax = color_range(maps[ps])
-        cells = colorize(maps[ps], vmin, vmax)
-        rows, cols = cells.shape[:2]
-        cell = max(1, min(tile_w // cols, tile_h // rows))
-        image = Image.fromarray(np.repeat(np.repeat(cells, cell, axis=0), cell, axis=1))
-        put(image, col, 1, f"{ps} px {label}: {format_tick(vmin)} .. {format_tick(vmax)}")
-    return panel
-
-
-def _figure_png(fig) -> bytes:
-    """A matplotlib Figure (object API, no pyplot state) as PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def render_sweep_plot(
-    table: Mapping[str, np.ndarray], patch_sizes: Sequence[int], uniform: int,
-    current: tuple[Sequence[float], int] | None, label: str, title: str,
-) -> bytes:
-    """Patches per scale and in total, and the retained ratio, against a shared threshold (PNG bytes).
-
-    table: columns 'threshold', 'patches_<ps>', 'apt_patches', 'retained_ratio';
-    current: (thresholds, apt_patches) of the run's own setting, marked.
-    """
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 5.5), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    t = table["threshold"]
-    for ps, color in zip(patch_sizes, ("#2ca02c", "#1f77b4", "#d62728", "#ff7f0e", "#9467bd", "#8c564b")):
-        ax.plot(t, table[f"patches_{ps}"], color=color, linewidth=1.2, label=f"{ps} px patches")
-    ax.plot(t, table["apt_patches"], color="black", linewidth=2.2, label="APT patches (total)")
-    ax.axhline(uniform, color="gray", linestyle="--", linewidth=1, label=f"uniform grid: {uniform} patches")
-    if current is not None:
-        thresholds, apt = current
-        if len(set(thresholds)) == 1:
-            ax.plot([thresholds[0]], [apt], marker="*", markersize=14, color="#e377c2", linestyle="none",
-                    label=f"this run: threshold {thresholds[0]:g}, {apt} patches")
-        else:
-            ax.axhline(apt, color="#e377c2", linestyle=":", linewidth=1.5,
-                       label=f"this run: thresholds {', '.join(f'{v:g}' for v in thresholds)}, {apt} patches")
-    ax.set_xlabel(f"threshold shared by all scales ({label})")
-    ax.set_ylabel("patches")
-    ax.set_ylim(bottom=0)
-    right = ax.twinx()
-    right.set_ylim(0, ax.get_ylim()[1] / uniform)
-    right.set_ylabel("retained ratio (APT / uniform)")
-    ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(title, fontsize=11)
-    ax.grid(alpha=0.3)
-    return _figure_png(fig)
-
-
-def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> bytes:
-    """Retained-ratio histogram and APT vs uniform patches per image (PNG bytes)."""
-    from matplotlib.figure import Figure
-
-    ok = [r for r in rows if r["status"] in ("ok", "reused")]
-    ratios = np.array([r["retained_ratio"] for r in ok], dtype=float)
-    uniform = np.array([r["uniform_patches"] for r in ok], dtype=float)
-    apt = np.array([r["apt_patches"] for r in ok], dtype=float)
-    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
-    left, right = fig.subplots(1, 2)
-    if ratios.size:
-        left.hist(ratios, bins=min(30, max(5, ratios.size // 3)), range=(0, 1), color="#4c72b0", edgecolor="white")
-        for value, name, style in ((ratios.mean(), "mean", "-"), (np.median(ratios), "median", "--")):
-            left.axvline(value, color="black", linestyle=style, label=f"{name} {value:.3f}")
-        left.legend()
-        right.scatter(uniform, apt, s=14, alpha=0.7, color="#dd8452")
-        top = max(uniform.max(), 1) * 1.05
-        right.plot([0, top], [0, top], color="gray", linestyle="--", linewidth=1, label="no saving (APT = uniform)")
-        right.plot([0, top], [0, top * ratios.mean()], color="black", linewidth=1,
-                   label=f"mean ratio {ratios.mean():.3f}")
-        right.set_xlim(0, top)
-        right.set_ylim(0, top)
-        right.legend(loc="upper left")
-    left.set_xlim(0, 1)
-    left.set_xlabel("retained ratio (APT patches / uniform patches)")
-    left.set_ylabel("images")
-    left.set_title(f"Retained ratio over {ratios.size} images")
-    right.set_xlabel("uniform patches (Qwen2-VL ViT tokens without APT)")
-    right.set_ylabel("APT patches")
-    right.set_title("APT vs uniform patches per image")
-    fig.suptitle(f"APT summary ({thresholds_text})")
-    return _figure_png(fig)
 
 
 # Characters that would break a line of text: C0 and C1 controls, DEL, the Unicode line and paragraph
@@ -1364,177 +1006,9 @@ class Discovery:
     hidden: int  # hidden entries skipped (names starting with "."; a hidden folder counts once)
 
 
-def _glob_root(pattern: str) -> Path:
-    """The folder part of a glob pattern before its first wildcard."""
-    parts = Path(pattern).parts
-    fixed = []
-    for part in parts:
-        if glob.has_magic(part):
-            break
-        fixed.append(part)
-    return Path(*fixed) if fixed else Path(".")
-
-
 def _inside(path: str, folder: str) -> bool:
     """Whether the real path lies in (or is) the real folder."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
-def _link_problem(path: Path) -> str | None:
-    """Why a symbolic link cannot be followed (one line naming the link), or None."""
-    if not os.path.islink(path):
-        return None
-    try:
-        os.stat(path)
-    except FileNotFoundError:
-        return f"{path}: broken symbolic link (its target {os.readlink(path)} does not exist)"
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return f"{path}: symbolic link loop"
-        return f"{path}: cannot follow symbolic link ({exc.strerror or exc})"
-    return None
-
-
-def _walk(folder: Path, exclude: str, failed: list[tuple[Path, str]], hidden: list[Path],
-          above: frozenset[str] = frozenset()) -> Iterator[Path]:
-    """Files under folder, sorted, depth first. Links to files and folders are followed and the
-    paths keep the link's name; a folder link back into a folder being searched (or one in
-    above, real paths) is a loop. Skips the output directory (real path exclude); hidden
-    entries go to hidden (their insides unread), unreadable folders, link loops and broken
-    links to failed as (path, reason)."""
-    stack = [(folder, above | {os.path.realpath(folder)})]  # (folder, real paths of it and its ancestors)
-    while stack:
-        here, ancestors = stack.pop()
-        try:
-            with os.scandir(here) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as exc:
-            failed.append((here, f"{here}: cannot read folder ({exc.strerror or exc})"))
-            continue
-        folders = []
-        for entry in entries:
-            path = here / entry.name
-            if entry.name.startswith("."):
-                hidden.append(path)
-                continue
-            try:
-                is_dir = entry.is_dir()  # follows links; False for broken ones
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                problem = _link_problem(path) if entry.is_symlink() else None
-                if problem is None:
-                    yield path
-                else:
-                    failed.append((path, problem))
-                continue
-            real = os.path.realpath(path)
-            if real == exclude:
-                continue
-            if real in ancestors:
-                failed.append((path, f"{path}: symbolic link loop (leads back to {real})"))
-                continue
-            folders.append((path, ancestors | {real}))
-        stack.extend(reversed(folders))
-
-
-def _loop_on_the_way(path: Path, root: Path, real: Callable[[str], str]) -> tuple[Path | None, frozenset[str]]:
-    """For a folder below root: the first folder on the way down from root (itself included)
-    that leads back to one before it, if any, and the real paths of those folders.
-    glob.glob follows folder links, so a loop yields the same files again and again."""
-    folder, reals = root, {real(str(root))}
-    for part in Path(os.path.relpath(path, root)).parts:
-        folder = folder / part
-        here = real(str(folder))
-        if here in reals:
-            return folder, frozenset(reals)
-        reals.add(here)
-    return None, frozenset(reals)
-
-
-def _keyed(path: Path, root: Path) -> tuple[str, str]:
-    """(key, root key): the input root's real path, and the path below it as found (link names
-    kept, so two links to one file are two inputs). Keys identify inputs and give their labels."""
-    root_key = os.path.realpath(root)
-    relative = os.path.normpath(os.path.relpath(path, root))
-    if relative == os.pardir or relative.startswith(os.pardir + os.sep):  # a glob such as 'a/*/../../x'
-        root_key = os.path.realpath(path.parent)
-        relative = path.name
-    return os.path.join(root_key, relative), root_key
-
-
-def discover(inputs: Sequence[str], out_root: Path) -> Discovery:
-    """Expand files, folders (recursively) and glob patterns into jobs.
-
-    A single existing file keeps the flat layout; anything else gets one
-    folder per input mirroring its path (full file name included) relative to
-    the inputs' common root. Raises ToolError for inputs that match nothing.
-    Entries that cannot be read (unreadable folders, broken links, link loops)
-    become Discovery.failed rather than errors.
-    """
-    if len(inputs) == 1 and Path(inputs[0]).is_file():
-        path = Path(inputs[0])
-        return Discovery([Job(path, str(path), out_root, kind_of(path) or "image")], 0, True, [], 0)
-    exclude = os.path.realpath(out_root)
-    found: list[tuple[Path, str, str, str]] = []  # (file, key, root key, kind)
-    problems: list[tuple[str, str, str]] = []  # (key, root key, reason)
-    hidden: list[Path] = []
-    skipped = 0
-    for text in inputs:
-        path = Path(text)
-        failed: list[tuple[Path, str]] = []
-        if path.is_file():
-            candidates, root = [path], path.parent
-        elif path.is_dir():
-            if _inside(os.path.realpath(path), exclude):
-                raise ToolError(f"{text}: is inside the output directory {out_root}; choose an -o outside it")
-            candidates, root = list(_walk(path, exclude, failed, hidden)), path
-            if failed and failed[0][0] == path:  # the folder itself is unreadable: as for a missing one
-                raise ToolError(failed[0][1])
-        elif glob.has_magic(text):
-            root = _glob_root(text)
-            candidates = []
-            real = functools.lru_cache(maxsize=None)(os.path.realpath)
-            for match in sorted(glob.glob(text, recursive=True)):
-                m = Path(match)
-                if _inside(real(match), exclude):
-                    continue  # the outputs are never inputs
-                is_dir = m.is_dir()
-                loop, above = _loop_on_the_way(m if is_dir else m.parent, root, real)
-                if loop is not None:
-                    failed.append((loop, f"{loop}: symbolic link loop (leads back to {real(str(loop))})"))
-                elif is_dir:
-                    candidates.extend(_walk(m, exclude, failed, hidden, above))
-                elif m.is_file():
-                    candidates.append(m)
-                elif (problem := _link_problem(m)) is not None:
-                    failed.append((m, problem))
-            if not candidates and not failed:
-                raise ToolError(f"{text}: no files match")
-        else:
-            raise ToolError(_link_problem(path) or f"{text}: no such file or directory")
-        usable = 0
-        for candidate in candidates:
-            kind = kind_of(candidate)
-            if kind is None:
-                skipped += 1
-            else:
-                found.append((candidate, *_keyed(candidate, root), kind))
-                usable += 1
-        problems += [(*_keyed(p, root), reason) for p, reason in failed]
-        if usable == 0 and not failed:
-            raise ToolError(f"{text}: no images or videos found ({len(candidates)} other files skipped)")
-    common = os.path.commonpath([r for _, _, r, _ in found] + [r for _, r, _ in problems])
-    jobs, seen = [], set()
-    for path, key, _, kind in found:
-        if key in seen:
-            continue
-        seen.add(key)
-        relative = Path(os.path.relpath(key, common))
-        jobs.append(Job(path, relative.as_posix(), out_root / relative, kind))
-    failures = {key: (Path(os.path.relpath(key, common)).as_posix(), reason) for key, _, reason in problems}
-    hidden_keys = {os.path.join(os.path.realpath(p.parent), p.name) for p in hidden}
-    return Discovery(jobs, skipped, False, list(failures.values()), len(hidden_keys))
 
 
 def encode_png(image: Image.Image, compress_level: int = 3) -> bytes:
@@ -2039,38 +1513,13 @@ def maps_npz(maps: Mapping[int, np.ndarray], masks: Mapping[int, np.ndarray]) ->
     return encode_npz(arrays)
 
 
-SWEEP_COLUMNS_FIXED = ("threshold", "apt_patches", "retained_ratio")
-
-
-def sweep_files(
-    maps_list: Sequence[Mapping[int, np.ndarray]], settings: Settings, current: int | None, title: str, plot: bool,
-) -> dict[str, bytes]:
-    """threshold_sweep.csv (and .png): counts against one threshold shared by all scales.
-    current: the run's own APT patch count at settings.thresholds, marked on the plot."""
-    counts = SharedThresholdCounts.from_maps(maps_list)
-    thresholds = sweep_thresholds(counts)
-    per_scale = counts.counts(thresholds)
-    total = sum(per_scale.values())
-    table = {"threshold": thresholds, "apt_patches": total, "retained_ratio": total / counts.uniform}
-    table.update({f"patches_{ps}": per_scale[ps] for ps in counts.patch_sizes})
-    columns = ["threshold", *(f"patches_{ps}" for ps in counts.patch_sizes), "apt_patches", "retained_ratio"]
-    rows = [{c: (repr(float(table[c][k])) if c in ("threshold", "retained_ratio") else int(table[c][k]))
-             for c in columns} for k in range(len(thresholds))]
-    files = {"threshold_sweep.csv": encode_csv(rows, columns)}
-    if plot:
-        label = SCORERS[settings.method][1]
-        marked = None if current is None else (settings.thresholds, current)
-        files["threshold_sweep.png"] = render_sweep_plot(table, counts.patch_sizes, counts.uniform, marked, label, title)
-    return files
-
-
 def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> dict[str, bytes]:
     """All per-image outputs, encoded, keyed by file name."""
     p, settings = result.prepared, result.settings
     files: dict[str, bytes] = {"importance_maps.npz": maps_npz(result.maps, result.masks)}
     counts = patch_counts(result.masks)
     if options.sweep:
-        files.update(sweep_files([result.maps], settings, sum(counts.values()),
+        files.update(extension("thresholds").sweep_files([result.maps], settings, sum(counts.values()),
                                  f"Threshold sweep: {Path(p.job.label).name}", plot=not options.stats_only))
     if options.stats_only:
         return files
@@ -2080,7 +1529,7 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
         threshold = settings.thresholds[i - 1] if i >= 1 else None
         files[heatmap_name(ps)] = encode_png(render_heatmap(result.maps[ps], ps, p.resized.shape[:2], threshold,
                                                             counts[ps], label))
-        files[overlay_name(ps)] = encode_png(render_importance_overlay(p.resized, result.maps[ps], ps, label),
+        files[overlay_name(ps)] = encode_png(extension("pictures").render_importance_overlay(p.resized, result.maps[ps], ps, label),
                                              compress_level=1)
     colors = scale_palette(len(sizes)) if options.color_by_scale else None
     overlay = draw_patch_borders(p.resized, result.masks, options.line_color, options.line_thickness, colors)
@@ -2106,7 +1555,7 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
     ]
     if settings.target_ratio is not None:
         lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
-    panel = render_summary_panel(f"APT: {Path(p.job.label).name}", p.original_preview or overlay_image, p.original_size, overlay,
+    panel = extension("pictures").render_summary_panel(f"APT: {Path(p.job.label).name}", p.original_preview or overlay_image, p.original_size, overlay,
                                  result.maps, lines, label)
     files["summary_panel.png"] = encode_png(panel, compress_level=1)
     return files
@@ -2138,16 +1587,6 @@ def reusable_stats(job: Job, settings: Settings, options: RenderOptions) -> dict
     return stats
 
 
-def resolve_thresholds(settings: Settings, maps_list: Sequence[Mapping[int, np.ndarray]]) -> Settings:
-    """The settings with final thresholds: for --target-ratio, one shared threshold chosen over
-    all the given maps (one per image or temporal patch); otherwise unchanged. Done once per run."""
-    if settings.target_ratio is None or not maps_list:
-        return settings
-    counts = SharedThresholdCounts.from_maps(maps_list)
-    threshold, _ = choose_shared_threshold(counts, settings.target_ratio)
-    return replace(settings, thresholds=(threshold,) * (settings.num_scales - 1))
-
-
 def analyse(prepared: Prepared, maps: Mapping[int, np.ndarray], settings: Settings, device: str) -> ImageResult:
     """The APT choice for one scored image, at the settings' (final) thresholds."""
     return ImageResult(prepared, dict(maps), compute_masks(maps, settings.thresholds), settings, device)
@@ -2156,7 +1595,7 @@ def analyse(prepared: Prepared, maps: Mapping[int, np.ndarray], settings: Settin
 def score_input(job: Job, settings: Settings, scorer: Scorer = CPU) -> list[dict[int, np.ndarray]]:
     """An input's maps, one per image or temporal patch (pass 1 of --target-ratio)."""
     if job.kind == "video":
-        return video_tube_maps(job, settings, scorer)
+        return extension("video").video_tube_maps(job, settings, scorer)
     prepared = prepare_image(job, settings, pictures=False)
     maps = scorer.maps([prepared.resized], settings)
     release_free_memory()
@@ -2173,7 +1612,7 @@ def run_input(job: Job, settings: Settings, options: RenderOptions, scorer: Scor
             logger.debug(f"{job.label}: outputs of the same settings exist, reused (--skip-existing)")
             return Outcome(reused, [], reused=True)
     if job.kind == "video":
-        return run_video(job, settings, options, scorer, maps, show_progress)
+        return extension("video").run_video(job, settings, options, scorer, maps, show_progress)
     prepared = prepare_image(job, settings, pictures=not options.stats_only)
     watch = Stopwatch()
     image_maps = maps[0] if maps else scorer.maps([prepared.resized], settings)[0]
@@ -2195,55 +1634,7 @@ def default_workers() -> int:
     return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-MAIN_WATCH_SECONDS = 0.5  # where there is no pidfd: how often a worker checks the main process
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def _die_with(main_pid: int) -> None:
-    """End this worker when the main process dies, however it dies (SIGKILL included): a thread
-    waits on a pidfd of the main process (Linux; elsewhere it polls). The fork server, this
-    worker's direct parent, waits for its workers, so it cannot be the one to notice; the
-    kernel's parent-death signal covers the fork server dying first."""
-    try:
-        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    try:
-        pidfd = os.pidfd_open(main_pid)
-    except (AttributeError, OSError):
-        pidfd = None
-
-    def watch() -> None:
-        if pidfd is not None:
-            select.select([pidfd], [], [])
-        else:
-            while _alive(main_pid):
-                time.sleep(MAIN_WATCH_SECONDS)
-        os._exit(EXIT_FAILURE)
-
-    if not _alive(main_pid):
-        os._exit(EXIT_FAILURE)
-    threading.Thread(target=watch, name="main-watch", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-def _worker_init(log_level: str | None, main_pid: int) -> None:
-    for signum in STOP_SIGNALS:  # the main process decides when to stop, and stops its workers itself
-        signal.signal(signum, signal.SIG_IGN)
-    _die_with(main_pid)
-    if log_level is not None:  # this process is the tool's own: log as the main process does
-        configure_logging(log_level)
-    torch.set_num_threads(1)  # the workers are the parallelism
 
 
 class StopSignals:
@@ -2292,708 +1683,7 @@ class StopSignals:
             self.deferred = False
 
 
-class Executor:
-    """Runs tasks in forked worker processes, or inline when workers == 1.
-
-    It remembers which submitted tasks finish an input (`job` given), so that after an
-    interrupt those still running can be waited for and counted (drain), or killed (kill).
-    """
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.pool = None
-        self.inflight: dict[Future, Job | None] = {}
-        if workers > 1:
-            # Workers are forked from multiprocessing's fork server, never from this process,
-            # which may have started threads (torch, CUDA, tqdm) that a fork does not carry over.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
-            self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
-                                            initargs=(LOG_LEVEL[0], os.getpid()))
-
-    def submit(self, fn: Callable, *args, job: Job | None = None) -> Future:
-        """fn(*args); `job` marks a task whose success means that job's outputs are complete."""
-        if self.pool is not None:
-            future = self.pool.submit(fn, *args)
-            self.inflight[future] = job
-            return future
-        future: Future = Future()
-        try:
-            future.set_result(fn(*args))
-        except Exception as exc:  # noqa: BLE001 - delivered to the caller like a pool would
-            future.set_exception(exc)
-        return future
-
-    def forget(self, future: Future) -> None:
-        """The caller has recorded this task's outcome."""
-        self.inflight.pop(future, None)
-
-    def drain(self) -> Iterator[tuple[Job, object]]:
-        """After an interrupt: cancel the tasks not started; (job, outcome) of each input-finishing
-        task that was already running, as it ends (some may have been recorded already)."""
-        for future in self.inflight:
-            future.cancel()
-        for future, job in list(self.inflight.items()):
-            if job is not None and not future.cancelled():
-                yield job, _outcome(future.result)
-
-    def unfinished(self) -> list[Job]:
-        return [job for job in self.inflight.values() if job is not None]
-
-    def kill(self) -> None:
-        """End every worker at once (the second Ctrl-C)."""
-        if self.pool is not None:
-            for process in list(self.pool._processes.values()):  # noqa: SLF001 - no public handle
-                process.kill()
-
-    def shutdown(self, cancel: bool = False) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=cancel)
-
-
-def failure_text(exc: BaseException) -> str:
-    return str(exc) if isinstance(exc, ToolError) else f"{type(exc).__name__}: {exc}"
-
-
-SUMMARY_BASE_COLUMNS = ("path", "kind", "status", "error", "output", "original_width", "original_height",
-                        "resized_width", "resized_height")
-SUMMARY_TAIL_COLUMNS = ("apt_patches", "uniform_patches", "retained_ratio", "qwen2vl_tokens", "frames_sampled",
-                        "temporal_patches", "thresholds")
-
-
-def summary_row(job: Job, out_root: Path, stats: Mapping | None, status: str, error: str = "",
-                pictures: bool = True) -> dict:
-    row = {"path": job.label, "kind": job.kind, "status": status, "error": error,
-           "output": job.out_dir.relative_to(out_root).as_posix() if job.out_dir != out_root else ".",
-           "pictures": pictures}
-    if stats is not None:
-        (ow, oh), (rw, rh) = stats["original_size"], stats["resized_size"]
-        row.update(original_width=ow, original_height=oh, resized_width=rw, resized_height=rh)
-        row.update({f"patches_{ps}": n for ps, n in stats["patches_per_scale"].items()})
-        row.update({k: stats[k] for k in ("apt_patches", "uniform_patches", "retained_ratio", "qwen2vl_tokens")})
-        row["frames_sampled"] = stats.get("frames_sampled", "")
-        row["temporal_patches"] = stats.get("temporal_patches", "")
-        row["thresholds"] = " ".join(repr(t) for t in stats["thresholds"])
-    return row
-
-
-def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings,
-              interrupted: bool, pending: int, hidden: int = 0) -> dict:
-    """summary.json: counts, token totals and means, retained-ratio statistics, settings."""
-    done = [r for r in rows if r["status"] in ("ok", "reused")]
-    ratios = np.array([r["retained_ratio"] for r in done], dtype=float)
-    totals = {k: int(sum(r[k] for r in done)) for k in ("uniform_patches", "apt_patches", "qwen2vl_tokens")}
-    n = max(1, len(done))
-    ratio_stats = None
-    if done:
-        ratio_stats = {
-            "mean": float(ratios.mean()), "median": float(np.median(ratios)),
-            "p10": float(np.percentile(ratios, 10)), "p90": float(np.percentile(ratios, 90)),
-            "min": float(ratios.min()), "max": float(ratios.max()),
-            "overall": totals["apt_patches"] / max(1, totals["uniform_patches"]),
-        }
-    return {
-        "images": {
-            "found": len(rows) + pending, "ok": sum(r["status"] == "ok" for r in rows),
-            "reused": sum(r["status"] == "reused" for r in rows),
-            "failed": sum(r["status"] == "failed" for r in rows), "not_processed": pending,
-        },
-        "files_skipped": skipped,
-        "hidden_skipped": hidden,
-        "interrupted": interrupted,
-        "tokens": {
-            "vit_patches_uniform_total": totals["uniform_patches"],
-            "vit_patches_apt_total": totals["apt_patches"],
-            "vit_patches_uniform_mean": totals["uniform_patches"] / n,
-            "vit_patches_apt_mean": totals["apt_patches"] / n,
-            "qwen2vl_llm_tokens_total": totals["qwen2vl_tokens"],
-            "qwen2vl_llm_tokens_mean": totals["qwen2vl_tokens"] / n,
-            "saved_fraction": 1 - totals["apt_patches"] / max(1, totals["uniform_patches"]),
-        },
-        "retained_ratio": ratio_stats,
-        "thresholds": list(settings.thresholds),
-        "target_ratio": settings.target_ratio,
-        "settings": settings.record(),
-        "failures": [{"path": r["path"], "error": r["error"]} for r in rows if r["status"] == "failed"],
-    }
-
-
-def write_summaries(out_root: Path, rows: Sequence[Mapping], summary: Mapping, settings: Settings,
-                    sweep: dict[str, bytes] | None) -> None:
-    """summary.csv, .json, .png, report.html (and the sweep files) as one set: all or none."""
-    sizes = settings.patch_sizes
-    columns = [*SUMMARY_BASE_COLUMNS, *(f"patches_{ps}" for ps in sizes), *SUMMARY_TAIL_COLUMNS]
-    thresholds_text = "thresholds " + ", ".join(f"{t:g}" for t in summary["thresholds"])
-    files = {
-        "summary.csv": encode_csv(rows, columns),
-        "summary.json": encode_json(summary),
-        "summary.png": render_batch_summary_plot(rows, thresholds_text),
-        "report.html": extension("pages").report_html(rows, summary, sizes).encode(),
-        **(sweep or {}),
-    }
-    write_files(out_root, files, what="the summaries")
-
-
-class Progress:
-    """A tqdm bar on stderr for batches, silent otherwise."""
-
-    def __init__(self, total: int, enabled: bool, desc: str | None = None, unit: str = "file"):
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
-
-    def update(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, scorer: Scorer,
-              workers: int, skip_existing: bool, show_progress: bool, signals: StopSignals) -> int:
-    """Every job, then summaries; exit status 1 when any input failed, 128 + N after signal N."""
-    unreadable = [Job(Path(label), label, out_root / label, "") for label, _ in found.failed]  # kind "": never run
-    jobs = [*unreadable, *found.jobs]
-    rows: dict[Job, dict] = {}
-    for job, (_, reason) in zip(unreadable, found.failed):
-        rows[job] = summary_row(job, out_root, None, "failed", reason)
-        logger.error(reason)
-    maps_of: dict[Job, list] = {}  # per job: maps of each image / temporal patch (for sweeps and targets)
-    executor = Executor(workers if len(found.jobs) > 1 else 1)
-    signals.on_second = executor.kill
-    progress = Progress(0, False)
-
-    def record(job: Job, outcome: object) -> None:
-        if isinstance(outcome, BrokenProcessPool) and signals.received:
-            return  # its worker was stopped by the signal: not processed
-        if isinstance(outcome, BaseException):
-            rows[job] = summary_row(job, out_root, None, "failed", failure_text(outcome))
-            logger.error(failure_text(outcome) if isinstance(outcome, ToolError)
-                         else f"{job.label}: {failure_text(outcome)}")
-        else:
-            rows[job] = summary_row(job, out_root, outcome.stats, "reused" if outcome.reused else "ok",
-                                    pictures=not options.stats_only)
-            maps_of.setdefault(job, outcome.maps)
-
-    try:
-        try:
-            if settings.target_ratio is not None:
-                # pass 1: every input's maps, so that one threshold serves the whole set
-                progress = Progress(len(found.jobs), show_progress, "scoring")
-                for job, outcome in _score_all(found.jobs, settings, scorer, executor, progress):
-                    if isinstance(outcome, BaseException):
-                        record(job, outcome)
-                    else:
-                        maps_of[job] = outcome
-                progress.close()
-                settings = resolve_thresholds(settings, [m for ms in maps_of.values() for m in ms])
-                logger.info(f"target ratio {settings.target_ratio:g}: shared threshold {settings.thresholds[0]!r}")
-            todo = [j for j in found.jobs if j not in rows]
-            progress = Progress(len(todo), show_progress, "writing" if settings.target_ratio is not None else None)
-            for job, outcome in _process_all(todo, settings, options, scorer, executor, progress, maps_of,
-                                             skip_existing):
-                record(job, outcome)
-        except KeyboardInterrupt:
-            logger.error(f"interrupted ({signals.name}): finishing the inputs in progress, then writing the "
-                         "summary (Ctrl-C again stops at once)")
-            for job, outcome in executor.drain():
-                if job not in rows:
-                    record(job, outcome)
-    except KeyboardInterrupt:  # the second signal: the workers are gone, their inputs unfinished
-        logger.error("stopped at once: inputs in progress discarded")
-    finally:
-        with signals.deferring():
-            executor.shutdown(cancel=True)
-            for job in executor.unfinished():
-                if job not in rows:
-                    discard_unfinished(job, out_root)
-            progress.close()
-    with signals.deferring():
-        ordered = [rows[j] for j in jobs if j in rows]
-        pending = len(jobs) - len(ordered)
-        sweep = None
-        if options.sweep:
-            maps_list = [m for j in jobs if j in rows and rows[j]["status"] != "failed"
-                         for m in (maps_of.get(j) or _stored_maps(j, settings))]
-            if maps_list:
-                sweep = sweep_files(maps_list, settings, None, f"Threshold sweep over {len(ordered)} inputs",
-                                    plot=True)
-        summary = summarize(ordered, found.skipped, settings, bool(signals.received), pending, found.hidden)
-        write_summaries(out_root, ordered, summary, settings, sweep)
-    ok = summary["images"]["ok"] + summary["images"]["reused"]
-    logger.info(f"{ok} of {len(jobs)} inputs analysed, {summary['images']['failed']} failed, "
-                f"{found.skipped} other files skipped; summaries in {out_root}")
-    if signals.received:
-        return signals.exit_code
-    return EXIT_FAILURE if summary["images"]["failed"] else EXIT_OK
-
-
-def discard_unfinished(job: Job, out_root: Path) -> None:
-    """What a killed worker left of one input: its staging folder, and folders left empty."""
-    for stale in job.out_dir.glob(f"{STAGING_PREFIX}*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    folders = [job.out_dir, *(p for p in job.out_dir.parents if out_root in p.parents)]
-    _remove_empty_folders(folders)
-
-
-def _stored_maps(job: Job, settings: Settings) -> list[dict[int, np.ndarray]]:
-    """Maps of an input done by an earlier run (importance_maps.npz), as float64."""
-    try:
-        with np.load(job.out_dir / "importance_maps.npz") as data:
-            if job.kind == "video":
-                count = int(data["temporal_patches"])
-                return [{ps: data[f"scale_{ps}"][k].astype(np.float64) for ps in settings.patch_sizes}
-                        for k in range(count)]
-            return [{ps: data[f"scale_{ps}"].astype(np.float64) for ps in settings.patch_sizes}]
-    except (OSError, KeyError, ValueError):
-        return []
-
-
-def _outcome(get: Callable[[], object]) -> object:
-    """get()'s result, or the exception it raised: one bad input never stops the batch.
-    (KeyboardInterrupt is no Exception, so Ctrl-C still stops it.)"""
-    try:
-        return get()
-    except Exception as exc:  # noqa: BLE001 - recorded as that input's failure
-        return exc
-
-
-def _ordered_map(executor: Executor, fn: Callable, calls: Sequence[tuple[Job, tuple]],
-                 window: int, final: bool = False) -> Iterator[tuple[Job, object]]:
-    """fn(*args) for each (job, args), results (or the exception raised) in order,
-    at most `window` calls ahead in the workers; one at a time without workers.
-    final: fn's success means the job's outputs are complete (see Executor.drain)."""
-    if executor.pool is None:
-        for job, args in calls:
-            yield job, _outcome(functools.partial(fn, *args))
-        return
-    queue: list[tuple[Job, Future]] = []
-    pending = iter(calls)
-    for job, args in pending:
-        queue.append((job, executor.submit(fn, *args, job=job if final else None)))
-        if len(queue) >= window:
-            break
-    while queue:
-        job, future = queue.pop(0)
-        nxt = next(pending, None)
-        if nxt is not None:
-            queue.append((nxt[0], executor.submit(fn, *nxt[1], job=nxt[0] if final else None)))
-        yield job, _outcome(future.result)
-        executor.forget(future)  # only once the caller has recorded it
-
-
-def _score_all(jobs: Sequence[Job], settings: Settings, scorer: Scorer, executor: Executor,
-               progress: Progress) -> Iterator[tuple[Job, list | BaseException]]:
-    """Pass 1 of --target-ratio: (job, its maps or the exception raised), for every input.
-    CPU: each worker scores its inputs. CUDA: workers decode, this process scores."""
-    window = 2 * executor.workers
-    if scorer.in_workers:
-        calls = [(j, (j, settings)) for j in jobs]
-        for job, outcome in _ordered_map(executor, score_input, calls, window):
-            progress.update()
-            yield job, outcome
-        return
-    calls = [(j, (j, settings, False)) for j in jobs if j.kind == "image"]
-    for job, prepared in _ordered_map(executor, prepare_image, calls, window + CUDA_BATCH):
-        progress.update()
-        yield job, prepared if isinstance(prepared, BaseException) else _outcome(
-            functools.partial(scorer.maps, [prepared.resized], settings))
-    for job in (j for j in jobs if j.kind == "video"):
-        progress.update()
-        yield job, _outcome(functools.partial(score_input, job, settings, scorer))
-
-
-def _process_all(jobs: Sequence[Job], settings: Settings, options: RenderOptions, scorer: Scorer,
-                 executor: Executor, progress: Progress, known: Mapping[Job, list],
-                 skip_existing: bool) -> Iterator[tuple[Job, Outcome | BaseException]]:
-    """Pass 2: (job, its Outcome or the exception raised), for every input. CPU: each worker
-    takes an input from file to outputs (run_input). CUDA: workers decode, render and write
-    images while this process scores them in batches; videos run here."""
-    if scorer.in_workers:
-        calls = [(j, (j, settings, options, CPU, skip_existing, known.get(j))) for j in jobs]
-        for job, outcome in _ordered_map(executor, run_input, calls, 2 * executor.workers, final=True):
-            progress.update()
-            yield job, outcome
-        return
-    yield from _images_on_cuda([j for j in jobs if j.kind == "image"], settings, options, scorer, executor,
-                               progress, known, skip_existing)
-    for job in (j for j in jobs if j.kind == "video"):
-        yield job, _outcome(functools.partial(run_input, job, settings, options, scorer, skip_existing,
-                                              known.get(job)))
-        progress.update()
-
-
-def _images_on_cuda(images: Sequence[Job], settings: Settings, options: RenderOptions, scorer: Scorer,
-                    executor: Executor, progress: Progress, known: Mapping[Job, list],
-                    skip_existing: bool) -> Iterator[tuple[Job, Outcome | BaseException]]:
-    finishing: list[tuple[Job, Future, list]] = []
-
-    def drain(block: bool) -> Iterator[tuple[Job, Outcome | BaseException]]:
-        while finishing and (block or finishing[0][1].done()):
-            job, future, maps = finishing.pop(0)
-            progress.update()
-            stats = _outcome(future.result)
-            yield job, stats if isinstance(stats, BaseException) else Outcome(stats, maps)
-            executor.forget(future)
-
-    def score(ready: list[Prepared]) -> None:
-        start = time.perf_counter()
-        missing = [p for p in ready if p.job not in known]
-        computed = iter(scorer.maps([p.resized for p in missing], settings) if missing else [])
-        all_maps = [known[p.job][0] if p.job in known else next(computed) for p in ready]
-        share = (time.perf_counter() - start) * 1000 / len(ready)  # the batch's time, shared out
-        for p, maps in zip(ready, all_maps):
-            p.timings["importance"] = share
-            result = analyse(p, maps, settings, scorer.device)
-            finishing.append((p.job, executor.submit(finish_image, result, options, job=p.job), [maps]))
-
-    todo = []
-    for job in images:
-        reused = reusable_stats(job, settings, options) if skip_existing else None
-        if reused is not None:
-            progress.update()
-            yield job, Outcome(reused, [], reused=True)
-        else:
-            todo.append(job)
-    pending: list[Prepared] = []
-    calls = [(j, (j, settings, not options.stats_only)) for j in todo]
-    for job, prepared in _ordered_map(executor, prepare_image, calls, 2 * executor.workers + CUDA_BATCH):
-        if isinstance(prepared, BaseException):
-            progress.update()
-            yield job, prepared
-            continue
-        pending.append(prepared)
-        if len(pending) >= CUDA_BATCH:
-            score(pending)
-            pending = []
-        yield from drain(block=False)
-    if pending:
-        score(pending)
-    yield from drain(block=True)
-
-
 # --- video -------------------------------------------------------------------
-
-GIF_MAX_WIDTH = 480
-VIDEO_TRIM_EVERY = 8  # temporal patches between release_free_memory() calls
-VIDEO_CODEC = "mp4v"  # MPEG-4 Part 2: written by every OpenCV build; plays in VLC, mpv, QuickTime, Windows
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    total_frames: int
-    fps: float
-    width: int
-    height: int
-
-
-def _cv2():
-    # FFmpeg's and OpenCV's own messages about a damaged file would print beside our one line;
-    # set either variable (FFmpeg levels: 16 errors, 24 warnings) to see them
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-    os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
-    try:
-        import cv2
-    except ImportError:
-        raise ToolError("video input needs OpenCV: pip install opencv-python-headless") from None
-    return cv2
-
-
-def _opencv_failure(path: Path, doing: str, exc: Exception) -> ToolError:
-    """OpenCV's C++ exception (several lines) as one ToolError line."""
-    return ToolError(f"{path}: cannot {doing} video (OpenCV: {' '.join(str(exc).split())})")
-
-
-def probe_video(path: Path) -> VideoInfo:
-    """Frame count, rate and size of a video file; ToolError when it cannot be read."""
-    check_input_file(path)
-    cv2 = _cv2()
-    try:
-        capture = cv2.VideoCapture(str(path))
-    except cv2.error as exc:
-        raise _opencv_failure(path, "open", exc) from None
-    try:
-        if not capture.isOpened():
-            raise ToolError(f"{path}: cannot open video (unreadable or unsupported format)")
-        total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-        fps = float(capture.get(cv2.CAP_PROP_FPS))
-        width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
-        if total <= 0 or width <= 0 or height <= 0:
-            raise ToolError(f"{path}: video has no frames")
-        if not (math.isfinite(fps) and fps > 0):
-            raise ToolError(f"{path}: video has no valid frame rate")
-        return VideoInfo(total, fps, width, height)
-    except cv2.error as exc:
-        raise _opencv_failure(path, "read", exc) from None
-    finally:
-        capture.release()
-
-
-def _plan_qwen2vl(info: VideoInfo, settings: Settings) -> tuple[list[int], tuple[int, int]]:
-    """Qwen2VLVideoProcessor: fps sampling floored to whole tubes, per-frame pixel limits."""
-    indices = sample_frame_indices(info.total_frames, info.fps, settings.fps, settings.temporal_patch_size,
-                                   settings.min_frames, settings.max_frames)
-    max_pixels = settings.video_max_pixels
-    if settings.cap_pixels_per_frame:
-        max_pixels = capped_video_max_pixels("Qwen2VLVideoProcessor", len(indices), settings.factor,
-                                             settings.temporal_patch_size, settings.video_min_pixels, max_pixels)
-    return indices, smart_resize(info.height, info.width, settings.factor, settings.video_min_pixels, max_pixels)
-
-
-def _plan_qwen3vl(info: VideoInfo, settings: Settings) -> tuple[list[int], tuple[int, int]]:
-    """Qwen3VLVideoProcessor: linspace sampling, pixel limits over all sampled frames."""
-    indices = sample_frame_indices_qwen3(info.total_frames, info.fps, settings.fps, settings.min_frames,
-                                         settings.max_frames)
-    max_pixels = settings.video_max_pixels
-    if settings.cap_pixels_per_frame:
-        max_pixels = capped_video_max_pixels("Qwen3VLVideoProcessor", len(indices), settings.factor,
-                                             settings.temporal_patch_size, settings.video_min_pixels, max_pixels)
-    size = smart_resize_qwen3_video(len(indices), info.height, info.width, settings.temporal_patch_size,
-                                    settings.factor, settings.video_min_pixels, max_pixels)
-    return indices, size
-
-
-VIDEO_PLANS = {"Qwen2VLVideoProcessor": _plan_qwen2vl, "Qwen3VLVideoProcessor": _plan_qwen3vl}
-
-
-def video_plan(info: VideoInfo, settings: Settings, label: str) -> tuple[list[int], tuple[int, int]]:
-    """(sampled frame indices, resized (H, W)) for a video, by the rules of the model's video processor."""
-    try:
-        return VIDEO_PLANS[VIDEO_PROCESSOR_OF[settings.model]](info, settings)
-    except ValueError as exc:
-        raise ToolError(f"{label}: {exc}") from None
-
-
-# Video frames are resized as transformers' video processors do on the CPU (BaseVideoProcessor ->
-# TorchvisionBackend.resize -> torchvision.transforms.v2.functional.resize_image, antialias=True):
-# torch's interpolate on the (1, 3, H, W) uint8 tensor itself for bicubic and nearest, and for bilinear
-# where torchvision trusts torch's uint8 kernel (AVX2/AVX512 or ARM CPUs); elsewhere on float32, then
-# rounded and cast to uint8. PIL's codes map to modes as transformers' pil_torch_interpolation_mapping.
-VIDEO_RESIZE_MODES = {0: "nearest-exact", 2: "bilinear", 3: "bicubic"}
-NATIVE_UINT8_BILINEAR_CPUS = ("AVX2", "AVX512")  # torchvision _do_native_uint8_resize_on_cpu
-NATIVE_UINT8_BILINEAR_MACHINES = ("aarch64", "arm64")
-
-
-def resize_frame(rgb: np.ndarray, size: tuple[int, int], resample: int = BICUBIC) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 at size (h, w), pixel for pixel as transformers' video
-    processors resize frames on the CPU (torchvision's resize, without importing torchvision)."""
-    if rgb.shape[:2] == tuple(size):
-        return rgb  # torchvision returns the frame untouched
-    mode = VIDEO_RESIZE_MODES.get(resample)
-    if mode is None:
-        supported = ", ".join(f"{k} ({RESAMPLE_NAMES[k]})" for k in VIDEO_RESIZE_MODES)
-        raise ToolError(f"resample {resample} ({RESAMPLE_NAMES.get(resample, 'unknown')}) is not supported for "
-                        f"video frames; supported: {supported}")
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, 3, H, W)
-    native = mode != "bilinear" or (torch.backends.cpu.get_cpu_capability() in NATIVE_UINT8_BILINEAR_CPUS
-                                    or platform.machine() in NATIVE_UINT8_BILINEAR_MACHINES)
-    smooth = mode != "nearest-exact"  # torchvision: antialias and align_corners=False for these modes only
-    y = F.interpolate(x if native else x.float(), size=tuple(size), mode=mode,
-                      align_corners=False if smooth else None, antialias=smooth)
-    if not native:
-        y = y.round_().to(torch.uint8)
-    return y[0].permute(1, 2, 0).contiguous().numpy()
-
-
-def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int],
-                        resample: int = BICUBIC) -> Iterator[np.ndarray]:
-    """Stream the sampled frames as (H, W, 3) uint8 RGB at `size` (see resize_frame), one at a time."""
-    cv2 = _cv2()
-    try:
-        capture = cv2.VideoCapture(str(path))
-    except cv2.error as exc:
-        raise _opencv_failure(path, "open", exc) from None
-    wanted = iter(indices)
-    target = next(wanted, None)
-    position = 0
-    try:
-        while target is not None:
-            if not capture.grab():
-                raise ToolError(f"{path}: video ended at frame {position} before sampled frame {target} "
-                                "(truncated or corrupt)")
-            if position == target:
-                ok, frame = capture.retrieve()
-                if not ok or frame is None:
-                    raise ToolError(f"{path}: cannot decode frame {position} (truncated or corrupt)")
-                resized = resize_frame(frame[..., ::-1], size, resample)
-                while target == position:  # an index sampled twice is yielded twice
-                    yield resized
-                    target = next(wanted, None)
-            position += 1
-    except cv2.error as exc:  # raised by grab or retrieve (a consumer's exceptions never enter at the yield)
-        raise _opencv_failure(path, "read", exc) from None
-    finally:
-        capture.release()
-
-
-def iter_tubes(frames: Iterable[np.ndarray], temporal_patch_size: int) -> Iterator[np.ndarray]:
-    """Group frames into (T, H, W, 3) temporal patches; a short last group repeats its last frame."""
-    group: list[np.ndarray] = []
-    for frame in frames:
-        group.append(frame)
-        if len(group) == temporal_patch_size:
-            yield np.stack(group)
-            group = []
-    if group:
-        group += [group[-1]] * (temporal_patch_size - len(group))
-        yield np.stack(group)
-
-
-def video_tube_maps(job: Job, settings: Settings, scorer: Scorer,
-                    progress: Progress | None = None) -> list[dict[int, np.ndarray]]:
-    """Importance maps of every temporal patch of a video, streaming its frames."""
-    info = probe_video(job.path)
-    indices, size = video_plan(info, settings, job.label)
-    maps = []
-    pending: list[np.ndarray] = []
-    frames = iter_sampled_frames(job.path, indices, size, settings.resample)
-    for tube in iter_tubes(frames, settings.temporal_patch_size):
-        pending.append(tube)
-        if len(pending) >= scorer.batch:
-            maps += scorer.maps(pending, settings)
-            pending = []
-            if len(maps) % VIDEO_TRIM_EVERY < scorer.batch:
-                release_free_memory()
-        if progress is not None:
-            progress.update(settings.temporal_patch_size)
-    if pending:
-        maps += scorer.maps(pending, settings)
-    return maps
-
-
-class _VideoWriter:
-    """An mp4 file written frame by frame with OpenCV."""
-
-    def __init__(self, path: Path, fps: float, size_wh: tuple[int, int]):
-        cv2 = _cv2()
-        self.writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*VIDEO_CODEC), fps, size_wh)
-        if not self.writer.isOpened():
-            raise ToolError(f"{path}: OpenCV cannot write {VIDEO_CODEC} video here")
-
-    def write(self, rgb: np.ndarray) -> None:
-        self.writer.write(np.ascontiguousarray(rgb[..., ::-1]))
-
-    def close(self) -> None:
-        self.writer.release()
-
-
-def _map_frame(values: np.ndarray, patch_size: int, size: tuple[int, int], vmin: float, vmax: float,
-               caption: str) -> np.ndarray:
-    """One animation frame: the cell colours at the frame's size with a colour key below."""
-    h, w = size
-    cells = np.repeat(np.repeat(colorize(values, vmin, vmax), patch_size, axis=0), patch_size, axis=1)[:h, :w]
-    frame = Image.new("RGB", (w, h + 28))
-    frame.paste(Image.fromarray(np.ascontiguousarray(cells)), (0, 0))
-    frame.paste(_gradient_strip(w, vmin, vmax, caption), (0, h))
-    return np.asarray(frame)
-
-
-def video_stats(job: Job, info: VideoInfo, indices: Sequence[int], size: tuple[int, int], settings: Settings,
-                tube_masks: Sequence[Mapping[int, np.ndarray]], device: str, timings: Mapping[str, float]) -> dict:
-    """stats.json of a video: the image keys, counted over all temporal patches, plus per-tube counts."""
-    h, w = size
-    t = settings.temporal_patch_size
-    grid_t = len(tube_masks)
-    per_tube = []
-    totals = {ps: 0 for ps in settings.patch_sizes}
-    for k, masks in enumerate(tube_masks):
-        counts = patch_counts(masks)
-        for ps, n in counts.items():
-            totals[ps] += n
-        frames = list(indices[k * t:(k + 1) * t])
-        per_tube.append({"temporal_patch": k, "frames": frames, "patches_per_scale": {str(ps): n for ps, n in counts.items()},
-                         "apt_patches": sum(counts.values())})
-    uniform = grid_t * (h // settings.patch_size) * (w // settings.patch_size)
-    stats = stats_record(job.label, "video", (info.width, info.height), size, settings, totals, uniform,
-                         device, timings)
-    # padded_frames: copies of the last sampled frame that fill its tube (as transformers' patchify pads)
-    stats.update(frames_total=info.total_frames, video_fps=info.fps, frames_sampled=len(indices),
-                 frame_indices=list(indices), padded_frames=grid_t * t - len(indices), temporal_patches=grid_t,
-                 per_temporal_patch=per_tube)
-    return stats
-
-
-def run_video(job: Job, settings: Settings, options: RenderOptions, scorer: Scorer = CPU,
-              tube_maps: list | None = None, show_progress: bool = False) -> Outcome:
-    """A video from path to files: pass 1 scores each temporal patch while streaming the
-    sampled frames (unless tube_maps are known); pass 2 streams them again to draw the
-    patches. Memory stays bounded by one temporal patch (plus the small GIF frames)."""
-    watch = Stopwatch()
-    info = probe_video(job.path)
-    indices, size = video_plan(info, settings, job.label)
-    logger.info(f"{job.label}: {info.total_frames} frames at {info.fps:g} fps, {info.width}x{info.height}; "
-                f"sampling {len(indices)} frames at {size[1]}x{size[0]}")
-    passes = (0 if options.stats_only else 1) + (tube_maps is None)
-    progress = Progress(len(indices) * passes, show_progress and passes > 0, unit="frame")
-    try:
-        if tube_maps is None:
-            tube_maps = video_tube_maps(job, settings, scorer, progress)
-        watch.lap("importance")
-        tube_masks = [compute_masks(m, settings.thresholds) for m in tube_maps]
-        files: dict[str, bytes] = {}
-        arrays = {f"scale_{ps}": np.stack([m[ps] for m in tube_maps]).astype(np.float32) for ps in settings.patch_sizes}
-        arrays.update({f"mask_{ps}": np.stack([m[ps] for m in tube_masks]) for ps in settings.patch_sizes})
-        arrays["temporal_patches"] = np.array(len(tube_maps))
-        files["importance_maps.npz"] = encode_npz(arrays)
-        if options.sweep:
-            apt = sum(sum(patch_counts(m).values()) for m in tube_masks)
-            files.update(sweep_files(tube_maps, settings, apt, f"Threshold sweep: {Path(job.label).name}",
-                                     plot=not options.stats_only))
-        with staged_output(job.out_dir) as staging:
-            if not options.stats_only:
-                _write_video_pictures(job, staging, indices, size, settings, options, tube_maps, tube_masks, info,
-                                      progress)
-                watch.lap("render")
-            stats = video_stats(job, info, indices, size, settings, tube_masks, scorer.device,
-                                {**watch.ms, "total": sum(watch.ms.values())})
-            files["stats.json"] = encode_json(stats)
-            for name, data in files.items():
-                (staging / name).write_bytes(data)
-        return Outcome(stats, tube_maps)
-    finally:
-        progress.close()
-
-
-def _write_video_pictures(job, staging, indices, size, settings, options, tube_maps, tube_masks, info,
-                          progress) -> None:
-    """patches_visualization.mp4 / .gif and one importance-map animation per scale."""
-    h, w = size
-    duration_s = info.total_frames / info.fps
-    out_fps = max(0.1, len(indices) / duration_s) if duration_s > 0 else settings.fps
-    t = settings.temporal_patch_size
-    colors = scale_palette(settings.num_scales) if options.color_by_scale else None
-    label = SCORERS[settings.method][1]
-    ranges = {ps: color_range(np.stack([m[ps] for m in tube_maps])) for ps in settings.patch_sizes}
-    overlay_writer = _VideoWriter(staging / "patches_visualization.mp4", out_fps, (w, h))
-    map_writers = {ps: _VideoWriter(staging / f"importance_map_scale_{ps}.mp4", out_fps, (w, h + 28))
-                   for ps in settings.patch_sizes}
-    gif_frames: list[Image.Image] = []
-    gif_scale = min(1.0, GIF_MAX_WIDTH / w)
-    try:
-        for k, frame in enumerate(iter_sampled_frames(job.path, indices, size, settings.resample)):
-            tube = k // t
-            overlay = draw_patch_borders(frame, tube_masks[tube], options.line_color, options.line_thickness, colors)
-            overlay_writer.write(overlay)
-            gif = Image.fromarray(overlay)
-            if k == 0:
-                (staging / "patches_thumbnail.jpg").write_bytes(
-                    encode_jpeg(_fit(gif, THUMBNAIL_WIDTH, 4 * THUMBNAIL_WIDTH)))
-            if gif_scale < 1.0:
-                gif = gif.resize((round(w * gif_scale), round(h * gif_scale)), Image.Resampling.BILINEAR)
-            gif_frames.append(gif.quantize(colors=255, method=Image.Quantize.MEDIANCUT))
-            for ps, writer in map_writers.items():
-                writer.write(_map_frame(tube_maps[tube][ps], ps, size, *ranges[ps], f"{ps} px {label}"))
-            progress.update()
-    finally:
-        overlay_writer.close()
-        for writer in map_writers.values():
-            writer.close()
-    gif_frames[0].save(staging / "patches_visualization.gif", save_all=True, append_images=gif_frames[1:],
-                       duration=round(1000 / out_fps), loop=0)
 
 
 # ---------------------------------------------------------------------------
@@ -3235,7 +1925,7 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
         if not inputs:
             inputs = [str(sample_image_path())]
             logger.info(f"no input given: using the sample photo {inputs[0]}")
-        found = discover(inputs, args.output)
+        found = extension("batch").discover(inputs, args.output)
         check_write_paths(found, args.output, settings, options)
         check_output_dir(args.output)
         with OutputLock(args.output):
@@ -3244,7 +1934,7 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
             hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
             logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
                         f"{args.workers} workers, device {scorer.device}")
-            return run_batch(found, args.output, settings, options, scorer, args.workers, args.skip_existing,
+            return extension("batch").run_batch(found, args.output, settings, options, scorer, args.workers, args.skip_existing,
                              show_progress=not args.quiet and len(found.jobs) > 1, signals=signals)
     except ToolError as exc:
         logger.error(str(exc))
@@ -3259,7 +1949,7 @@ def run_one(job: Job, args: argparse.Namespace, settings: Settings, options: Ren
     maps = None
     if settings.target_ratio is not None:
         maps = score_input(job, settings, scorer)
-        settings = resolve_thresholds(settings, maps)
+        settings = extension("thresholds").resolve_thresholds(settings, maps)
     outcome = run_input(job, settings, options, scorer, args.skip_existing, maps, show_progress=not args.quiet)
     stats = outcome.stats
     if outcome.reused:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import apt_vis.batch as apt_batch
 import visualize_patches as vp
 from conftest import PEARL, TOOL, run_cli
 from test_batch import read_csv, small_photo
@@ -278,12 +279,12 @@ def test_full_disk_while_writing_summaries_writes_none(tiny_disk, tmp_path):
     out = tiny_disk / "out"
     out.mkdir()
     jobs = [vp.Job(PEARL, f"img{k}.jpg", out / f"img{k}.jpg", "image") for k in range(40)]
-    rows = [vp.summary_row(job, out, stats, "ok") for job in jobs]
+    rows = [apt_batch.summary_row(job, out, stats, "ok") for job in jobs]
     settings = vp.Settings()
-    summary = vp.summarize(rows, 0, settings, settings.thresholds, False, 0)
+    summary = apt_batch.summarize(rows, 0, settings, settings.thresholds, False, 0)
     fill(tiny_disk, 24 * 1024)  # room for the csv and json, not for the plot and the report
     with pytest.raises(vp.ToolError) as info:
-        vp.write_summaries(out, rows, summary, settings, None)
+        apt_batch.write_summaries(out, rows, summary, settings, None)
     assert "\n" not in str(info.value) and "No space" in str(info.value)
     assert sorted(p.name for p in out.iterdir()) == []
 

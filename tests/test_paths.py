@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import apt_vis.batch as apt_batch
 import visualize_patches as vp
 from conftest import TOOL, run_cli
 
@@ -168,7 +169,7 @@ def test_glob_through_a_folder_loop_finds_each_file_once(tmp_path, monkeypatch):
     (root / "sub" / "up").symlink_to("..")
     monkeypatch.chdir(tmp_path)
     for pattern in ("in/**/*.png", "in/**", "in/*"):
-        found = vp.discover([pattern], tmp_path / "out")
+        found = apt_batch.discover([pattern], tmp_path / "out")
         assert [j.label for j in found.jobs] == ["a.png", "sub/b.png"], pattern
         assert [label for label, _ in found.failed] == ["sub/up"], pattern
         assert "symbolic link loop" in found.failed[0][1]

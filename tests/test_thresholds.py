@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import apt_vis.thresholds as apt_thresholds
 import visualize_patches as vp
 from conftest import PEARL, run_cli, sample_photo
 
@@ -51,7 +52,7 @@ def brute_force_thresholds(maps_list):
 def test_shared_counts_equal_the_rule(rows, cols, images, scales, ties, seed):
     rng = np.random.default_rng(seed)
     maps_list = [random_maps(rng, rows, cols, scales=scales, levels=6 if ties else None) for _ in range(images)]
-    counts = vp.SharedThresholdCounts.from_maps(maps_list)
+    counts = apt_thresholds.SharedThresholdCounts.from_maps(maps_list)
     probes = brute_force_thresholds(maps_list)
     got = counts.total(probes)
     for t, n in zip(probes, got):
@@ -71,8 +72,8 @@ def closest(outcomes, uniform, target):
 def test_target_ratio_search_matches_brute_force(rows, cols, images, ties, target, seed):
     rng = np.random.default_rng(seed)
     maps_list = [random_maps(rng, rows, cols, levels=5 if ties else None) for _ in range(images)]
-    counts = vp.SharedThresholdCounts.from_maps(maps_list)
-    threshold, total = vp.choose_shared_threshold(counts, target)
+    counts = apt_thresholds.SharedThresholdCounts.from_maps(maps_list)
+    threshold, total = apt_thresholds.choose_shared_threshold(counts, target)
     assert total == total_by_rule(maps_list, threshold)  # the reported total is what the rule gives
     outcomes = {total_by_rule(maps_list, t) for t in brute_force_thresholds(maps_list)}
     assert total == closest(outcomes, counts.uniform, target)
@@ -86,8 +87,8 @@ def test_exact_ties_go_to_more_patches(cols, k, seed):
     maps = random_maps(rng, 2, cols, levels=4)
     uniform = 2 * cols
     target = min(1.0, k / (2 * uniform))
-    counts = vp.SharedThresholdCounts.from_maps([maps])
-    _, total = vp.choose_shared_threshold(counts, target)
+    counts = apt_thresholds.SharedThresholdCounts.from_maps([maps])
+    _, total = apt_thresholds.choose_shared_threshold(counts, target)
     outcomes = {total_by_rule([maps], t) for t in brute_force_thresholds([maps])}
     assert total == closest(outcomes, uniform, target)
 

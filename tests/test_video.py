@@ -14,6 +14,7 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 from PIL import Image
 
+import apt_vis.video as apt_video
 import visualize_patches as vp
 from conftest import PEARL, TOOL, run_cli
 from test_entropy import slow_entropy_map
@@ -73,7 +74,7 @@ def test_qwen3_sampling_matches_transformers(total, video_fps, fps, min_frames, 
     max_frames = min_frames + extra
     processor = types.SimpleNamespace(fps=fps, min_frames=min_frames, max_frames=max_frames)
     theirs = QWEN3_SAMPLE_FRAMES(processor, VideoMetadata(total_num_frames=total, fps=video_fps)).tolist()
-    assert vp.sample_frame_indices_qwen3(total, video_fps, fps, min_frames, max_frames) == theirs
+    assert apt_video.sample_frame_indices_qwen3(total, video_fps, fps, min_frames, max_frames) == theirs
 
 
 @settings(max_examples=400, deadline=None)
@@ -85,9 +86,9 @@ def test_qwen3_video_size_matches_transformers(frames, h, w, low, span):
         theirs = QWEN3_SMART_RESIZE(frames, h, w, **args)
     except ValueError:  # aspect ratio over 200
         with pytest.raises(ValueError):
-            vp.smart_resize_qwen3_video(frames, h, w, 2, 32, low, low + span)
+            apt_video.smart_resize_qwen3_video(frames, h, w, 2, 32, low, low + span)
         return
-    assert vp.smart_resize_qwen3_video(frames, h, w, 2, 32, low, low + span) == theirs
+    assert apt_video.smart_resize_qwen3_video(frames, h, w, 2, 32, low, low + span) == theirs
 
 
 @settings(max_examples=400, deadline=None)
@@ -98,7 +99,7 @@ def test_sampling_matches_transformers(total, video_fps, fps, t, min_frames, ext
     from transformers.video_utils import VideoMetadata
 
     max_frames = min_frames + extra
-    ours = vp.sample_frame_indices(total, video_fps, fps, t, min_frames, max_frames)
+    ours = apt_video.sample_frame_indices(total, video_fps, fps, t, min_frames, max_frames)
     processor = types.SimpleNamespace(num_frames=None, fps=fps, temporal_patch_size=t, min_frames=min_frames,
                                       max_frames=max_frames)
     try:
@@ -141,7 +142,7 @@ def decode(path: Path, indices, size):
             break
         if k in indices:
             # frames resized as transformers' video processor does (tested in test_video_resize.py)
-            frames[k] = vp.resize_frame(frame[..., ::-1], size)
+            frames[k] = apt_video.resize_frame(frame[..., ::-1], size)
         k += 1
     return frames
 
@@ -306,14 +307,14 @@ def test_an_unexpected_error_in_one_video_is_that_inputs_failure(tmp_path, monke
     """Batch mode records any exception from a video as that video's failed row, as it does
     for images, in both passes (pass 1 runs only with --target-ratio)."""
     folder = one_video_breaks(tmp_path / "in")
-    probe = vp.probe_video
+    probe = apt_video.probe_video
 
     def faulty_probe(path):
         if path.name == "bad.mp4":
             raise RuntimeError("injected fault")
         return probe(path)
 
-    monkeypatch.setattr(vp, "probe_video", faulty_probe)
+    monkeypatch.setattr(apt_video, "probe_video", faulty_probe)
     out = tmp_path / "out"
     assert vp.main([str(folder), "-o", str(out), "-q", "--workers", "1", "--stats-only", *extra]) == 1
     import csv

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import apt_vis.video as apt_video
 import visualize_patches as vp
 from conftest import run_cli
 
@@ -50,13 +51,13 @@ def test_frames_equal_transformers(name):
     case = META["cases"][name]
     clip = pan(*case["clip"])
     settings = settings_for(case["processor"], case["kwargs"])
-    info = vp.VideoInfo(len(clip), case["video_fps"], clip.shape[2], clip.shape[1])
-    indices, size = vp.video_plan(info, settings, name)
+    info = apt_video.VideoInfo(len(clip), case["video_fps"], clip.shape[2], clip.shape[1])
+    indices, size = apt_video.video_plan(info, settings, name)
     assert indices == case["indices"] and list(size) == case["frame_hw"]
     t = settings.temporal_patch_size
     grid_t = -(-len(indices) // t)
     assert [grid_t, size[0] // settings.patch_size, size[1] // settings.patch_size] == case["grid_thw"]
-    frames = [vp.resize_frame(clip[i], size, settings.resample) for i in indices]
+    frames = [apt_video.resize_frame(clip[i], size, settings.resample) for i in indices]
     if f"{name}_frame0" in RECORDED:
         diff = np.abs(frames[0].astype(int) - RECORDED[f"{name}_frame0"].astype(int))
         assert diff.max() == 0, f"{(diff > 0).mean():.1%} of values differ, by up to {diff.max()}"
@@ -79,9 +80,9 @@ def test_cap_pixels_per_frame_sizes_match_transformers():
         processor = PROCESSOR_NAMES[k]
         limit = max_pixels
         if cap:
-            limit = vp.capped_video_max_pixels(processor, frames, factor, t, min_pixels, max_pixels)
+            limit = apt_video.capped_video_max_pixels(processor, frames, factor, t, min_pixels, max_pixels)
         if processor == "Qwen3VLVideoProcessor":
-            size = vp.smart_resize_qwen3_video(frames, height, width, t, factor, min_pixels, limit)
+            size = apt_video.smart_resize_qwen3_video(frames, height, width, t, factor, min_pixels, limit)
         else:
             size = vp.smart_resize(height, width, factor, min_pixels, limit)
         assert size == (out_h, out_w), (processor, cap, frames, height, width)

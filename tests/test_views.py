@@ -6,6 +6,7 @@ import matplotlib
 import numpy as np
 from PIL import Image
 
+import apt_vis.pictures as apt_pictures
 import visualize_patches as vp
 from conftest import PEARL, run_cli
 
@@ -26,7 +27,7 @@ def test_importance_overlay_blends_each_cell():
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, size=(56, 84, 3), dtype=np.uint8)
     values = np.array([[0.0, 4.0, 8.0], [2.0, 6.0, np.nan]])
-    image = np.asarray(vp.render_importance_overlay(rgb, values, 28, "entropy (bits)")).astype(int)
+    image = np.asarray(apt_pictures.render_importance_overlay(rgb, values, 28, "entropy (bits)")).astype(int)
     assert image.shape == (56 + 28, 84, 3)  # the picture plus a colour key
     colors = vp.colorize(values, 0.0, 8.0)
     for r in range(2):
