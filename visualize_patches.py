@@ -12,15 +12,23 @@ overlays, an interactive explorer, the raw maps and the token accounting.
     python visualize_patches.py photos/ -o out/ --stats-only
     python visualize_patches.py photo.jpg --target-ratio 0.5 --sweep
 
+This file is the core, and can be copied alone: it analyses single images. The package
+apt_vis/ next to it adds the rest, one module per capability, each importing this file
+(never the reverse at import time; the core reaches them through extension()):
+  apt_vis/batch.py        folders, globs, worker processes, summaries and the report
+  apt_vis/video.py        video frames as the Qwen-VL video processors sample and resize them
+  apt_vis/thresholds.py   --target-ratio, sweeps
+  apt_vis/pictures.py     importance overlays, the summary panel, the batch plot
+  apt_vis/pages.py        explorer.html and report.html (from apt_vis/static/)
+
 Sections, top to bottom:
   1. constants and settings      named numbers with their sources, the Settings dataclass
-  2. geometry                    smart_resize, patch grids, video frame sampling
-  3. importance and masks        exact integer entropy, other scorers, PatchTokenizer,
-                                 exact threshold search
-  4. rendering                   pure functions: arrays in, images out (the HTML pages: apt_vis/pages.py)
-  5. input and output            loading, discovery, encoding, staged atomic writes
-  6. pipeline                    one image, one video, a whole batch
-  7. command line                parser, validation, main()
+  2. geometry                    smart_resize, patch grids
+  3. importance and masks        exact integer entropy, other scorers, PatchTokenizer
+  4. rendering                   pure functions: arrays in, images out (heatmaps, patch borders)
+  5. input and output            loading, encoding, staged atomic writes, the output lock
+  6. pipeline                    one image: prepare, score, analyse, write; run_input for any input
+  7. command line                parser, validation, run(), main() and cli()
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ import fcntl
 import functools
 import gc
 import importlib
+import importlib.util
 import io
 import json
 import math
@@ -955,6 +964,13 @@ def load_image(path: Path) -> Image.Image:
     return rgb
 
 
+@functools.lru_cache(maxsize=1)
+def has_extensions() -> bool:
+    """Whether the apt_vis package is there: without it, this file alone still writes the
+    core outputs (heatmaps, patch overlay, images, stats.json, maps) of single images."""
+    return importlib.util.find_spec("apt_vis") is not None
+
+
 def sample_image_path() -> Path:
     """The sample photo shipped in apt_vis/data/, for a first run with no file at hand: a Vermeer whose
     plain background merges at the default thresholds."""
@@ -1487,8 +1503,8 @@ def overlay_name(patch_size: int) -> str:
     return f"importance_overlay_scale_{patch_size}.png"
 
 
-IMAGE_PICTURES = ("patches_visualization.jpg", "patches_thumbnail.jpg", "original_image.jpg", "resized_image.jpg",
-                  "explorer.html", "summary_panel.png")
+IMAGE_PICTURES = ("patches_visualization.jpg", "patches_thumbnail.jpg", "original_image.jpg", "resized_image.jpg")
+EXTRA_IMAGE_PICTURES = ("explorer.html", "summary_panel.png")  # and the importance overlays: apt_vis
 VIDEO_PICTURES = ("patches_visualization.mp4", "patches_visualization.gif", "patches_thumbnail.jpg")
 SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")
 
@@ -1500,8 +1516,9 @@ def output_names(kind: str, settings: Settings, options: RenderOptions) -> list[
         if kind == "video":
             names += [*VIDEO_PICTURES, *(f"importance_map_scale_{ps}.mp4" for ps in settings.patch_sizes)]
         else:
-            names += [heatmap_name(ps) for ps in settings.patch_sizes] + [overlay_name(ps) for ps in settings.patch_sizes]
-            names += IMAGE_PICTURES
+            names += [heatmap_name(ps) for ps in settings.patch_sizes] + list(IMAGE_PICTURES)
+            if has_extensions():
+                names += [overlay_name(ps) for ps in settings.patch_sizes] + list(EXTRA_IMAGE_PICTURES)
     if options.sweep:
         names += SWEEP_NAMES[:1] if options.stats_only else SWEEP_NAMES
     return names
@@ -1529,8 +1546,6 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
         threshold = settings.thresholds[i - 1] if i >= 1 else None
         files[heatmap_name(ps)] = encode_png(render_heatmap(result.maps[ps], ps, p.resized.shape[:2], threshold,
                                                             counts[ps], label))
-        files[overlay_name(ps)] = encode_png(extension("pictures").render_importance_overlay(p.resized, result.maps[ps], ps, label),
-                                             compress_level=1)
     colors = scale_palette(len(sizes)) if options.color_by_scale else None
     overlay = draw_patch_borders(p.resized, result.masks, options.line_color, options.line_thickness, colors)
     overlay_image = Image.fromarray(overlay)
@@ -1541,23 +1556,9 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
     files["original_image.jpg"] = p.original_jpeg or b""
     resized_jpeg = encode_jpeg(Image.fromarray(p.resized))
     files["resized_image.jpg"] = resized_jpeg
-    files["explorer.html"] = extension("pages").explorer_html(
-        p.job.label, resized_jpeg, result.maps, settings.thresholds, counts, stats["uniform_patches"],
-        stats["qwen2vl_tokens"], label, options,
-    ).encode()
-    lines = [
-        f"original {p.original_size[0]} x {p.original_size[1]} -> resized {p.resized.shape[1]} x {p.resized.shape[0]}",
-        f"method {settings.method}, thresholds {', '.join(f'{t:g}' for t in settings.thresholds)}",
-        *(f"  {ps:>4} px patches: {n}" for ps, n in counts.items()),
-        f"APT patches: {stats['apt_patches']} of {stats['uniform_patches']} uniform",
-        f"retained ratio: {stats['retained_ratio']:.4f} ({stats['retained_ratio']:.1%})",
-        f"Qwen2-VL LLM tokens without APT: {stats['qwen2vl_tokens']}",
-    ]
-    if settings.target_ratio is not None:
-        lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
-    panel = extension("pictures").render_summary_panel(f"APT: {Path(p.job.label).name}", p.original_preview or overlay_image, p.original_size, overlay,
-                                 result.maps, lines, label)
-    files["summary_panel.png"] = encode_png(panel, compress_level=1)
+    if has_extensions():
+        files.update(extension("pictures").extra_image_files(result, stats, options, overlay, overlay_image,
+                                                             resized_jpeg))
     return files
 
 
@@ -1623,9 +1624,6 @@ def run_input(job: Job, settings: Settings, options: RenderOptions, scorer: Scor
     return Outcome(finish_image(result, options), [image_maps])
 
 
-# --- batch -------------------------------------------------------------------
-
-
 def default_workers() -> int:
     try:
         cores = len(os.sched_getaffinity(0))
@@ -1681,9 +1679,6 @@ class StopSignals:
             yield
         finally:
             self.deferred = False
-
-
-# --- video -------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------
@@ -1925,7 +1920,15 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
         if not inputs:
             inputs = [str(sample_image_path())]
             logger.info(f"no input given: using the sample photo {inputs[0]}")
-        found = extension("batch").discover(inputs, args.output)
+        if len(inputs) == 1 and Path(inputs[0]).is_file():
+            path = Path(inputs[0])
+            found = Discovery([Job(path, str(path), args.output, kind_of(path) or "image")], 0, True, [], 0)
+        else:
+            found = extension("batch").discover(inputs, args.output)
+        if options.sweep or settings.target_ratio is not None:
+            extension("thresholds")
+        if any(job.kind == "video" for job in found.jobs):
+            extension("video")
         check_write_paths(found, args.output, settings, options)
         check_output_dir(args.output)
         with OutputLock(args.output):

@@ -25,11 +25,11 @@ import torch
 from loguru import logger
 
 from visualize_patches import (
-    EXIT_FAILURE,
-    EXIT_OK,
     CPU,
     CUDA_BATCH,
     Discovery,
+    EXIT_FAILURE,
+    EXIT_OK,
     Job,
     LOG_LEVEL,
     Outcome,

@@ -4,22 +4,28 @@ panel and the batch summary plot (pure: arrays in, images or PNG bytes out)."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from visualize_patches import (
+    INFERNO,
     OVERLAY_CELL_WEIGHT,
     OVERLAY_WEIGHT,
-    INFERNO,
+    SCORERS,
     _fit,
     _text_size,
     color_range,
     colorize,
+    encode_png,
     font,
     format_tick,
+    overlay_name,
+    patch_counts,
 )
+from apt_vis.pages import explorer_html
 
 
 def _gradient_strip(width: int, vmin: float, vmax: float, caption: str) -> Image.Image:
@@ -153,3 +159,32 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> 
     right.set_title("APT vs uniform patches per image")
     fig.suptitle(f"APT summary ({thresholds_text})")
     return _figure_png(fig)
+
+
+def extra_image_files(result, stats: Mapping, options, overlay: np.ndarray, overlay_image: Image.Image,
+                      resized_jpeg: bytes) -> dict[str, bytes]:
+    """The per-image outputs beyond the core's: importance overlays, explorer.html and
+    summary_panel.png, encoded, keyed by file name (result: the core's ImageResult)."""
+    p, settings = result.prepared, result.settings
+    label = SCORERS[settings.method][1]
+    counts = patch_counts(result.masks)
+    files = {overlay_name(ps): encode_png(render_importance_overlay(p.resized, result.maps[ps], ps, label),
+                                          compress_level=1) for ps in settings.patch_sizes}
+    files["explorer.html"] = explorer_html(
+        p.job.label, resized_jpeg, result.maps, settings.thresholds, counts, stats["uniform_patches"],
+        stats["qwen2vl_tokens"], label, options,
+    ).encode()
+    lines = [
+        f"original {p.original_size[0]} x {p.original_size[1]} -> resized {p.resized.shape[1]} x {p.resized.shape[0]}",
+        f"method {settings.method}, thresholds {', '.join(f'{t:g}' for t in settings.thresholds)}",
+        *(f"  {ps:>4} px patches: {n}" for ps, n in counts.items()),
+        f"APT patches: {stats['apt_patches']} of {stats['uniform_patches']} uniform",
+        f"retained ratio: {stats['retained_ratio']:.4f} ({stats['retained_ratio']:.1%})",
+        f"Qwen2-VL LLM tokens without APT: {stats['qwen2vl_tokens']}",
+    ]
+    if settings.target_ratio is not None:
+        lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
+    panel = render_summary_panel(f"APT: {Path(p.job.label).name}", p.original_preview or overlay_image, p.original_size,
+                                 overlay, result.maps, lines, label)
+    files["summary_panel.png"] = encode_png(panel, compress_level=1)
+    return files

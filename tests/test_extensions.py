@@ -1,6 +1,7 @@
 """The core and its package apt_vis: found from any directory, one line when it is missing, and one module
 object for the core whether it runs as a script or is imported."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import numpy as np
 
-from conftest import ROOT, files_under, random_photo_like
+from conftest import PEARL, ROOT, files_under, random_photo_like
 
 SCRIPT = ROOT / "visualize_patches.py"
 
@@ -24,21 +25,37 @@ def error_lines(proc):
     return [line for line in proc.stderr.splitlines() if line.startswith("ERROR")]
 
 
-def test_without_the_package_one_line_and_the_core_still_runs(tmp_path, write_image):
+def test_the_core_alone_analyses_a_photo_and_says_what_needs_the_package(tmp_path):
     alone = tmp_path / "alone"
     alone.mkdir()
     shutil.copy(SCRIPT, alone)
-    photo = write_image("photo.png", random_photo_like(np.random.default_rng(0), 64, 96))
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(PEARL, photo)  # the sample photo, which ships inside apt_vis
     proc = run_copy(alone, photo, "-o", tmp_path / "out", cwd=tmp_path)
-    assert proc.returncode == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert error_lines(proc) == [
-        "ERROR   apt_vis.pages not found: visualize_patches.py needs the apt_vis package next to it "
-        "(No module named 'apt_vis')"]
-    assert files_under(tmp_path / "out") == []
-    proc = run_copy(alone, photo, "-o", tmp_path / "stats", "--stats-only", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "stats" / "stats.json").is_file()
+    written = {p.name for p in files_under(tmp_path / "out")}
+    assert written == {"importance_map_scale_14.png", "importance_map_scale_28.png", "importance_map_scale_56.png",
+                       "patches_visualization.jpg", "patches_thumbnail.jpg", "original_image.jpg",
+                       "resized_image.jpg", "stats.json", "importance_maps.npz"}
+    stats = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert stats["patches_per_scale"] == {"14": 2876, "28": 275, "56": 14}  # the authors' figures
+    for extra in (["--sweep"], ["--target-ratio", "0.5"], []):
+        what = tmp_path / "clip.mp4" if not extra else photo
+        if not extra:
+            shutil.copy(ROOT / "tests" / "golden" / "clip.mp4", what)
+        proc = run_copy(alone, what, "-o", tmp_path / f"out{len(extra)}", *extra, cwd=tmp_path)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert error_lines(proc) == [proc.stderr.strip()] and "needs the apt_vis package" in proc.stderr
+        assert files_under(tmp_path / f"out{len(extra)}") == []
+
+
+def test_importing_the_core_loads_no_optional_library():
+    # torch itself imports tqdm: count what importing the core adds to what torch brings
+    code = ("import sys, torch; before = set(sys.modules); import visualize_patches; "
+            "print(sorted(m for m in ('cv2', 'matplotlib', 'tqdm', 'transformers', 'apt_vis') "
+            "if m in sys.modules and m not in before))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr + proc.stdout
 
 
 def test_an_extensions_tool_error_is_one_line_when_the_core_runs_as_a_script(tmp_path, write_image):
