@@ -212,7 +212,7 @@ OVERLAY_WEIGHT, OVERLAY_CELL_WEIGHT = 20, 11  # the importance colour covers 11/
 OVERLAY_ALPHA = OVERLAY_CELL_WEIGHT / OVERLAY_WEIGHT
 JPEG_QUALITY = 95
 THUMBNAIL_WIDTH = 240
-THUMBNAIL_MIN_CELL = 6  # px: thumbnails draw base patches' outlines only when they are this large
+THUMBNAIL_MIN_CELL = 8  # px: thumbnails draw base patches' outlines only when they are this large
 # matplotlib's 'inferno' colormap (Nathaniel J. Smith and Stefan van der Walt,
 # CC0; matplotlib/_cm_listed.py) sampled at 256 levels as RGB hex; kept here so
 # that rendering needs no matplotlib import, and tested equal to matplotlib's.
