@@ -65,16 +65,19 @@ if __name__ == "__main__":
     sys.exit(_core.cli())
 
 import argparse
+import base64
 import csv
 import ctypes
 import fcntl
 import functools
 import gc
+import html
 import importlib
 import importlib.util
 import io
 import json
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -209,6 +212,7 @@ OVERLAY_WEIGHT, OVERLAY_CELL_WEIGHT = 20, 11  # the importance colour covers 11/
 OVERLAY_ALPHA = OVERLAY_CELL_WEIGHT / OVERLAY_WEIGHT
 JPEG_QUALITY = 95
 THUMBNAIL_WIDTH = 240
+THUMBNAIL_MIN_CELL = 8  # px: thumbnails draw base patches' outlines only when they are this large
 # matplotlib's 'inferno' colormap (Nathaniel J. Smith and Stefan van der Walt,
 # CC0; matplotlib/_cm_listed.py) sampled at 256 levels as RGB hex; kept here so
 # that rendering needs no matplotlib import, and tested equal to matplotlib's.
@@ -866,6 +870,41 @@ def draw_patch_borders(
     return out
 
 
+def draw_thumbnail_borders(
+    rgb: np.ndarray,
+    masks: Mapping[int, np.ndarray],
+    width: int,
+    height: int,
+    color: tuple[int, int, int] = BORDER_GREEN,
+    scale_colors: Sequence[tuple[int, int, int]] | None = None,
+) -> Image.Image:
+    """The patch overlay as a thumbnail that fits width x height: the (H, W, 3) uint8 image scaled
+    down first, then the chosen patches' outlines drawn 1 px wide at the thumbnail's scale.
+    (Scaling down a full-size overlay smears its borders into bands that hide a small picture.)
+    Where base patches would be under THUMBNAIL_MIN_CELL px, only the outlines of merged (larger)
+    patches are drawn: a grid that fine would cover the picture."""
+    thumb = _fit(Image.fromarray(rgb), width, height)
+    h, w = rgb.shape[:2]
+    ids, scale_of = patch_id_maps(masks, h, w)
+    rows = np.minimum(((np.arange(thumb.height) + 0.5) * h / thumb.height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(thumb.width) + 0.5) * w / thumb.width).astype(np.int64), w - 1)
+    scales = scale_of[np.ix_(rows, cols)]  # each thumbnail pixel takes the patch under its centre
+    lines = border_mask(ids[np.ix_(rows, cols)], 1)
+    if min(masks) * thumb.width / w < THUMBNAIL_MIN_CELL:
+        merged = scales > 0
+        near = merged.copy()  # a line pixel lies in a merged patch or just after one
+        near[:, 1:] |= merged[:, :-1]
+        near[1:, :] |= merged[:-1, :]
+        lines &= near
+    out = np.array(thumb)
+    if scale_colors is None:
+        out[lines] = color
+    else:
+        palette = np.asarray(scale_colors, dtype=np.uint8)
+        out[lines] = palette[scales[lines] % len(palette)]
+    return Image.fromarray(out)
+
+
 def scale_palette(count: int) -> list[tuple[int, int, int]]:
     return [SCALE_COLORS[i % len(SCALE_COLORS)] for i in range(count)]
 
@@ -1350,14 +1389,25 @@ def prepare_image(job: Job, settings: Settings, pictures: bool) -> Prepared:
     watch = Stopwatch()
     original = load_image(job.path)
     watch.lap("load")
+    return prepare_loaded(job, original, settings, pictures, watch)
+
+
+def prepare_loaded(job: Job, original: Image.Image, settings: Settings, pictures: bool,
+                   watch: Stopwatch | None = None) -> Prepared:
+    """prepare_image for an image already loaded as RGB (the CLI's file, or analyze()'s image)."""
+    watch = watch or Stopwatch()
     resized = resize_for_qwen2vl(original, settings, str(job.path))
     watch.lap("resize")
     jpeg = preview = None
     if pictures:
-        jpeg = encode_jpeg(original)
-        preview = _fit(original, 680, 760)
+        jpeg, preview = original_pictures(original)
         watch.lap("encode")
     return Prepared(job, (original.width, original.height), resized, jpeg, preview, watch.ms)
+
+
+def original_pictures(original: Image.Image) -> tuple[bytes, Image.Image]:
+    """original_image.jpg and the summary panel's small copy of the original."""
+    return encode_jpeg(original), _fit(original, 680, 760)
 
 
 class Scorer:
@@ -1530,6 +1580,27 @@ def maps_npz(maps: Mapping[int, np.ndarray], masks: Mapping[int, np.ndarray]) ->
     return encode_npz(arrays)
 
 
+def scale_heatmap(result: ImageResult, patch_size: int) -> Image.Image:
+    """importance_map_scale_<patch_size>.png of one image."""
+    settings = result.settings
+    i = settings.patch_sizes.index(patch_size)
+    threshold = settings.thresholds[i - 1] if i >= 1 else None
+    return render_heatmap(result.maps[patch_size], patch_size, result.prepared.resized.shape[:2], threshold,
+                          patch_counts(result.masks)[patch_size], SCORERS[settings.method][1])
+
+
+def patch_overlay(result: ImageResult, options: RenderOptions) -> tuple[np.ndarray, Image.Image]:
+    """The chosen patches' borders on the resized image: (the array, the picture of
+    patches_visualization.jpg, with a legend of the scales' colours under --color-by-scale)."""
+    colors = scale_palette(result.settings.num_scales) if options.color_by_scale else None
+    overlay = draw_patch_borders(result.prepared.resized, result.masks, options.line_color, options.line_thickness,
+                                 colors)
+    overlay_image = Image.fromarray(overlay)
+    if colors is not None:
+        overlay_image = add_scale_legend(overlay_image, patch_counts(result.masks), colors)
+    return overlay, overlay_image
+
+
 def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> dict[str, bytes]:
     """All per-image outputs, encoded, keyed by file name."""
     p, settings = result.prepared, result.settings
@@ -1540,19 +1611,13 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
                                  f"Threshold sweep: {Path(p.job.label).name}", plot=not options.stats_only))
     if options.stats_only:
         return files
-    label = SCORERS[settings.method][1]
-    sizes = settings.patch_sizes
-    for i, ps in enumerate(sizes):
-        threshold = settings.thresholds[i - 1] if i >= 1 else None
-        files[heatmap_name(ps)] = encode_png(render_heatmap(result.maps[ps], ps, p.resized.shape[:2], threshold,
-                                                            counts[ps], label))
-    colors = scale_palette(len(sizes)) if options.color_by_scale else None
-    overlay = draw_patch_borders(p.resized, result.masks, options.line_color, options.line_thickness, colors)
-    overlay_image = Image.fromarray(overlay)
-    if colors is not None:
-        overlay_image = add_scale_legend(overlay_image, counts, colors)
+    for ps in settings.patch_sizes:
+        files[heatmap_name(ps)] = encode_png(scale_heatmap(result, ps))
+    overlay, overlay_image = patch_overlay(result, options)
+    colors = scale_palette(settings.num_scales) if options.color_by_scale else None
     files["patches_visualization.jpg"] = encode_jpeg(overlay_image)
-    files["patches_thumbnail.jpg"] = encode_jpeg(_fit(overlay_image, THUMBNAIL_WIDTH, 4 * THUMBNAIL_WIDTH))
+    files["patches_thumbnail.jpg"] = encode_jpeg(draw_thumbnail_borders(
+        p.resized, result.masks, THUMBNAIL_WIDTH, 4 * THUMBNAIL_WIDTH, options.line_color, colors))
     files["original_image.jpg"] = p.original_jpeg or b""
     resized_jpeg = encode_jpeg(Image.fromarray(p.resized))
     files["resized_image.jpg"] = resized_jpeg
@@ -1564,6 +1629,13 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
 
 def finish_image(result: ImageResult, options: RenderOptions) -> dict:
     """Render and write one image's outputs (worker-safe: numpy, PIL, matplotlib only)."""
+    stats, files = image_outputs(result, options)
+    write_files(result.prepared.job.out_dir, files)
+    return stats
+
+
+def image_outputs(result: ImageResult, options: RenderOptions) -> tuple[dict, dict[str, bytes]]:
+    """One image's stats.json record and every output file, encoded, keyed by name."""
     watch = Stopwatch()
     stats = image_stats(result)
     files = image_files(result, stats, options)
@@ -1571,8 +1643,7 @@ def finish_image(result: ImageResult, options: RenderOptions) -> dict:
     stats["timings_ms"]["render"] = round(watch.ms["render"], 1)
     stats["timings_ms"]["total"] = round(sum(v for k, v in stats["timings_ms"].items() if k != "total"), 1)
     files["stats.json"] = encode_json(stats)
-    write_files(result.prepared.job.out_dir, files)
-    return stats
+    return stats, files
 
 
 def reusable_stats(job: Job, settings: Settings, options: RenderOptions) -> dict | None:
@@ -1682,14 +1753,209 @@ class StopSignals:
 
 
 # ---------------------------------------------------------------------------
+# API: one image in a notebook
+# ---------------------------------------------------------------------------
+
+# Command-line options that make no sense for one image analysed in memory.
+API_EXCLUDED = frozenset({"help", "version", "inputs", "output", "workers", "skip_existing", "quiet", "verbose"})
+
+
+def _argv_from_options(options: Mapping[str, object]) -> list[str]:
+    """analyze()'s keyword options as the equivalent command line (dest names -> flags), so that
+    parse_args checks them by the CLI's own rules."""
+    actions = {a.dest: a for a in build_parser()._actions if a.option_strings and a.dest not in API_EXCLUDED}
+    argv: list[str] = []
+    for name, value in options.items():
+        action = actions.get(name)
+        if action is None:
+            raise ValueError(f"unknown option {name!r}; options are: {', '.join(sorted(actions))}")
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name}: expected True or False, got {value!r}")
+            argv += [flag] if value else []
+            continue
+        if value is None:
+            continue
+        many = action.nargs is not None and action.nargs != "?"
+        values = list(value) if many and isinstance(value, (list, tuple, np.ndarray)) else [value]
+        if not many and isinstance(value, (list, tuple, np.ndarray)):
+            raise ValueError(f"{name}: expected one value, got {value!r}")
+        argv.append(flag)
+        for v in values:
+            if isinstance(v, (bool, np.bool_)):
+                raise ValueError(f"{name}: expected a value, got {v!r}")
+            text = repr(float(v)) if isinstance(v, (float, np.floating)) else str(v)
+            argv.append(text)
+    return argv
+
+
+def _options_error(message: str) -> str:
+    """A parser message with the flags spelt as analyze()'s option names (--target-ratio -> target_ratio)."""
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m[1].replace("-", "_"), message)
+
+
+def api_settings(options: Mapping[str, object]) -> tuple[Settings, RenderOptions, Scorer]:
+    """analyze()'s options checked as the command line checks them: ValueError naming the bad one."""
+    try:
+        _, settings, render, scorer = parse_args(_argv_from_options(options), raise_errors=True)
+    except ValueError as exc:
+        raise ValueError(_options_error(str(exc))) from None
+    return settings, render, scorer
+
+
+def _api_image(image: object) -> tuple[Image.Image, str, Path]:
+    """(RGB image, label, path) of analyze()'s image argument."""
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        return load_image(path), str(image), path
+    if isinstance(image, Image.Image):
+        # as load_image does with a file: the EXIF orientation applied, converted as Qwen2-VL does
+        image.load()
+        return to_rgb(ImageOps.exif_transpose(image)), "<PIL image>", Path("<PIL image>")
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image: expected an (H, W, 3) uint8 array, got {image.dtype} of shape {image.shape}")
+        return Image.fromarray(np.ascontiguousarray(image), "RGB"), "<array>", Path("<array>")
+    raise ValueError(f"image: expected a path, a PIL image or an (H, W, 3) uint8 array, got {type(image).__name__}")
+
+
+class Analysis:
+    """One image analysed as the command line would (see analyze()).
+
+    stats     the stats.json record (its timings_ms are this analysis's own)
+    maps      patch size -> (rows, cols) float64 scores, NaN = padded (importance_maps.npz's scale_<size>)
+    masks     patch size -> (rows, cols) bool, the chosen patches (the npz's mask_<size>)
+    resized   the PIL image the model sees
+    settings  the Settings (thresholds final: chosen, under target_ratio)
+    """
+
+    def __init__(self, result: ImageResult, original: Image.Image, render: RenderOptions,
+                 options: Mapping[str, object]):
+        self._result, self._original, self._render, self._options = result, original, render, dict(options)
+        self.stats = image_stats(result)
+        self.maps, self.masks, self.settings = result.maps, result.masks, result.settings
+        self.resized = Image.fromarray(result.prepared.resized)
+
+    def __repr__(self) -> str:
+        s = self.stats
+        return (f"<Analysis {s['image']}: {s['apt_patches']} of {s['uniform_patches']} patches "
+                f"({s['retained_ratio']:.1%}), thresholds {', '.join(f'{t:g}' for t in self.settings.thresholds)}>")
+
+    def patches_image(self, line_color: Sequence[int] | None = None, line_thickness: int | None = None,
+                      color_by_scale: bool | None = None) -> Image.Image:
+        """patches_visualization.jpg's picture: the chosen patches' borders on the resized image
+        (drawing options as the CLI's; by default, those given to analyze())."""
+        changes = {k: v for k, v in (("line_color", line_color), ("line_thickness", line_thickness),
+                                     ("color_by_scale", color_by_scale)) if v is not None}
+        render = self._render
+        if changes:
+            _, render, _ = api_settings({**self._options, **changes})
+        return patch_overlay(self._result, render)[1]
+
+    def heatmap(self, size: int) -> Image.Image:
+        """importance_map_scale_<size>.png's picture: the scores of the patches of that side."""
+        return scale_heatmap(self._result, self._size(size))
+
+    def overlay(self, size: int) -> Image.Image:
+        """importance_overlay_scale_<size>.png's picture: the scores over the image (needs apt_vis)."""
+        size = self._size(size)
+        return extension("pictures").render_importance_overlay(
+            self._result.prepared.resized, self.maps[size], size, SCORERS[self.settings.method][1])
+
+    def _size(self, size: int) -> int:
+        if size not in self.maps:
+            raise ValueError(f"size: expected one of the patch sizes {', '.join(map(str, self.maps))}, got {size!r}")
+        return size
+
+    def with_thresholds(self, *thresholds: float) -> "Analysis":
+        """The same image at other thresholds (one per scale above the base, as many as now),
+        re-thresholding the maps without scoring again: equal to a fresh analyze() with them."""
+        if len(thresholds) == 1 and isinstance(thresholds[0], (list, tuple, np.ndarray)):
+            thresholds = tuple(thresholds[0])
+        options = {**self._options, "thresholds": list(thresholds), "target_ratio": None}
+        settings, render, _ = api_settings(options)
+        if settings.patch_sizes != self.settings.patch_sizes:
+            raise ValueError(f"thresholds: expected {self.settings.num_scales - 1} (one per scale above the base), "
+                             f"got {len(thresholds)}; for other scales call analyze()")
+        result = analyse(self._result.prepared, self.maps, settings, self._result.device)
+        return Analysis(result, self._original, render, options)
+
+    def save(self, out_dir: str | os.PathLike) -> dict:
+        """Write the files the CLI writes for this one image into out_dir (created if missing; files
+        of the same names are replaced, all or none); the stats.json record written."""
+        out = Path(out_dir)
+        prepared = self._result.prepared
+        if not self._render.stats_only and prepared.original_jpeg is None:
+            jpeg, preview = original_pictures(self._original)
+            prepared = replace(prepared, original_jpeg=jpeg, original_preview=preview)
+        result = replace(self._result, prepared=replace(prepared, job=replace(prepared.job, out_dir=out),
+                                                        timings=dict(prepared.timings)))
+        if self._render.sweep or self.settings.target_ratio is not None:
+            extension("thresholds")
+        check_output_dir(out)
+        with OutputLock(out):
+            stats, files = image_outputs(result, self._render)
+            write_files(out, files)
+        return stats
+
+    def _repr_html_(self) -> str:
+        s = self.stats
+        thumb = self.patches_image()
+        thumb.thumbnail((480, 480))
+        picture = base64.b64encode(encode_jpeg(thumb)).decode()
+        rows = "".join(f"<tr><td>{ps} px</td><td>{n}</td></tr>" for ps, n in s["patches_per_scale"].items())
+        return (f"<div><div><b>{html.escape(one_line(s['image']))}</b>: "
+                f"{s['resized_size'][0]} x {s['resized_size'][1]} resized, method {html.escape(s['method'])}, "
+                f"thresholds {', '.join(f'{t:g}' for t in self.settings.thresholds)}</div>"
+                f'<img src="data:image/jpeg;base64,{picture}" width="{thumb.width}" height="{thumb.height}" '
+                f'alt="chosen patches" style="max-width:100%;height:auto">'
+                f"<table><tr><th>patches</th><th>count</th></tr>{rows}"
+                f"<tr><td>APT</td><td>{s['apt_patches']}</td></tr>"
+                f"<tr><td>uniform</td><td>{s['uniform_patches']}</td></tr>"
+                f"<tr><td>retained</td><td>{s['retained_ratio']:.1%}</td></tr></table></div>")
+
+
+def analyze(image: object, **options: object) -> Analysis:
+    """Analyse one image as `visualize_patches.py IMAGE` does, in this process, for notebooks.
+
+    image: a path (loaded as the CLI loads it), a PIL image (its EXIF orientation applied and
+    converted to RGB, as the CLI does with a file) or an (H, W, 3) uint8 RGB array (taken as it is).
+    options: the command line's, by their Python names (thresholds=[3, 2], target_ratio=0.5,
+    method="laplacian", model="qwen2.5-vl", device="cpu", patch_size=14, line_color=(255, 0, 0),
+    color_by_scale=True, stats_only=True, ...), with the same defaults and checks: a bad one raises
+    ValueError naming it. A file that cannot be read raises ToolError. Nothing is written (see
+    Analysis.save) and the process's logging and signal handlers are left alone.
+    """
+    settings, render, scorer = api_settings(options)
+    watch = Stopwatch()
+    original, label, path = _api_image(image)
+    watch.lap("load")
+    prepared = prepare_loaded(Job(path, label, Path("."), "image"), original, settings, False, watch)
+    maps = scorer.maps([prepared.resized], settings)[0]
+    if settings.target_ratio is not None:
+        settings = extension("thresholds").resolve_thresholds(settings, [maps])
+    result = analyse(prepared, maps, settings, scorer.device)
+    watch.lap("importance")
+    prepared.timings.update(watch.ms)
+    return Analysis(result, original, render, options)
+
+
+
+# ---------------------------------------------------------------------------
 # 7. Command line
 # ---------------------------------------------------------------------------
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are a single line on stderr, exit 2."""
+    """argparse whose usage errors are a single line on stderr, exit 2 (or, with raise_errors set,
+    as analyze() uses it, a ValueError of that line)."""
+
+    raise_errors = False
 
     def error(self, message: str):  # noqa: D401 - argparse API
+        if self.raise_errors:
+            raise ValueError(message)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -1845,8 +2111,12 @@ SETTINGS_FLAGS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels
                   "video_max_pixels")  # None when not given; --model and --processor set them otherwise
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, RenderOptions, Scorer]:
+def parse_args(argv: Sequence[str] | None,
+               raise_errors: bool = False) -> tuple[argparse.Namespace, Settings, RenderOptions, Scorer]:
+    """The command line checked and turned into settings; a usage error exits 2 (raise_errors:
+    raises ValueError instead)."""
     parser = build_parser()
+    parser.raise_errors = raise_errors
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")

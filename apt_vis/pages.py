@@ -152,8 +152,8 @@ def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence
     ratio = summary["retained_ratio"]
     stats_line = (
         f'{summary["images"]["ok"] + summary["images"]["reused"]} images analysed, {summary["images"]["failed"]} failed, '
-        f'{summary["files_skipped"]} other files skipped. Thresholds {esc(str(summary["thresholds"]))}'
-        + (f' (chosen for target ratio {summary["target_ratio"]})' if summary.get("target_ratio") else "")
+        f'{summary["files_skipped"]} other files skipped. Thresholds {", ".join(f"{t:g}" for t in summary["thresholds"])}'  # full precision: summary.json
+        + (f' (chosen for target ratio {summary["target_ratio"]:g})' if summary.get("target_ratio") else "")
         + (f'. Retained ratio mean {ratio["mean"]:.4f}, median {ratio["median"]:.4f}, '
            f'p10 {ratio["p10"]:.4f}, p90 {ratio["p90"]:.4f}; overall {ratio["overall"]:.4f}.' if ratio else ".")
     )
