@@ -1608,7 +1608,7 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
     counts = patch_counts(result.masks)
     if options.sweep:
         files.update(extension("thresholds").sweep_files([result.maps], settings, sum(counts.values()),
-                                 f"Threshold sweep: {Path(p.job.label).name}", plot=not options.stats_only))
+                                 f"Threshold sweep: {one_line(Path(p.job.label).name)}", plot=not options.stats_only))
     if options.stats_only:
         return files
     for ps in settings.patch_sizes:

@@ -22,6 +22,7 @@ from visualize_patches import (
     encode_png,
     font,
     format_tick,
+    one_line,
     overlay_name,
     patch_counts,
 )
@@ -184,7 +185,7 @@ def extra_image_files(result, stats: Mapping, options, overlay: np.ndarray, over
     ]
     if settings.target_ratio is not None:
         lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
-    panel = render_summary_panel(f"APT: {Path(p.job.label).name}", p.original_preview or overlay_image, p.original_size,
+    panel = render_summary_panel(f"APT: {one_line(Path(p.job.label).name)}", p.original_preview or overlay_image, p.original_size,
                                  overlay, result.maps, lines, label)
     files["summary_panel.png"] = encode_png(panel, compress_level=1)
     return files

@@ -44,6 +44,7 @@ from visualize_patches import (
     encode_jpeg,
     encode_json,
     encode_npz,
+    one_line,
     patch_counts,
     release_free_memory,
     scale_palette,
@@ -397,7 +398,7 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, scorer: Scor
         files["importance_maps.npz"] = encode_npz(arrays)
         if options.sweep:
             apt = sum(sum(patch_counts(m).values()) for m in tube_masks)
-            files.update(sweep_files(tube_maps, settings, apt, f"Threshold sweep: {Path(job.label).name}",
+            files.update(sweep_files(tube_maps, settings, apt, f"Threshold sweep: {one_line(Path(job.label).name)}",
                                      plot=not options.stats_only))
         with staged_output(job.out_dir) as staging:
             if not options.stats_only:

@@ -191,3 +191,18 @@ def test_other_python_warnings_become_one_log_line(capsys):
         vp.configure_logging("ERROR")
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("WARNING") and "first line\\nsecond line" in err, err
+
+
+def test_titles_drawn_from_hostile_names(tmp_path):
+    """The sweep plot's and the summary panel's titles are drawn from the file name: a newline
+    or an undecodable byte there must not fail the input (matplotlib refused the latter)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    names = [b"new\nline.png", b"bad\xffbyte.png"]
+    for k, name in enumerate(names):
+        tiny_png(Path(os.fsdecode(os.fsencode(folder) + b"/" + name)), k)
+    out = tmp_path / "out"
+    proc = run_cli(folder, "-o", out, "--sweep", "--workers", "1", "-q")
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(open(out / "summary.csv", newline="", encoding="utf-8", errors="surrogateescape")))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
