@@ -734,6 +734,9 @@ def render_heatmap(
     values: (rows, cols) float, NaN for padded cells; image_size: (H, W) of the
     resized image in px; threshold: marked on the colour bar (scales >= 1);
     chosen: patches of this size in the APT tiling, for the title.
+
+    Long because it draws one picture top to bottom (map, colour bar, ticks, legend); the
+    geometry lives in heatmap_geometry.
     """
     rows, cols = values.shape
     height, width = image_size
@@ -1244,7 +1247,8 @@ def check_write_paths(found: Discovery, out_root: Path, settings: Settings, opti
     """Before anything is written: ToolError unless every path the run writes (each input's
     output folder and the folders made on the way to it, every file in it, and in batch mode
     the summaries and sweep files) stays inside out_root, links followed, and is not an input
-    nor (for folders) holds one. Staging folders and temporary files get fresh random names."""
+    nor (for folders) holds one. Staging folders and temporary files get fresh random names.
+    (Long on purpose: its helpers share the caches of resolved paths, so they are closures.)"""
     out_real = os.path.realpath(out_root)
     real_folder = functools.lru_cache(maxsize=None)(os.path.realpath)
     inputs: dict[str, Path] = {}  # real path -> input; a link counts as itself and as its target
@@ -2005,6 +2009,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line: one add_argument per flag, in their help groups (long, and flat on purpose)."""
     d = Settings()
     parser = OneLineParser(
         prog="visualize-patches" if Path(sys.argv[0]).stem == "visualize-patches" else "visualize_patches.py",
