@@ -1945,12 +1945,18 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
             extension("thresholds")
         if any(job.kind == "video" for job in found.jobs):
             extension("video")
+        if args.engine == "ray" and not found.flat:
+            extension("ray_engine").ray_module()  # a missing Ray: one line before any work
         check_write_paths(found, args.output, settings, options)
         check_output_dir(args.output)
         with OutputLock(args.output):
             if found.flat:
                 return run_one(found.jobs[0], args, settings, options, scorer)
             hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
+            if args.engine == "ray":
+                logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; engine ray")
+                return extension("ray_engine").run_ray(found, args.output, settings, options, args.skip_existing,
+                                                       not args.quiet and len(found.jobs) > 1, args.ray_address)
             logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
                         f"{args.workers} workers, device {scorer.device}")
             return extension("batch").run_batch(found, args.output, settings, options, scorer, args.workers, args.skip_existing,
