@@ -73,6 +73,7 @@ def _failure(job: Job, exc: BaseException) -> str:
 def _score_batch(batch: dict, settings: Settings) -> dict:
     """Pass 1 of --target-ratio in a Ray worker: per input an error or nothing; the batch's
     maps reduced to one step function (first row of the batch carries it)."""
+    _enter(batch["cwd"][0])
     errors, maps_list = [], []
     for blob in batch["job"]:
         job = pickle.loads(blob)
@@ -91,6 +92,7 @@ def _run_batch(batch: dict, settings: Settings, options: RenderOptions, skip_exi
                want_counts: bool) -> dict:
     """Pass 2 in a Ray worker: each input from its source to its outputs under -o; per input
     its stats (pickled) or an error; with want_counts, the batch's step function."""
+    _enter(batch["cwd"][0])
     stats, errors, reused, maps_list = [], [], [], []
     for blob in batch["job"]:
         job = pickle.loads(blob)
@@ -113,6 +115,13 @@ def _run_batch(batch: dict, settings: Settings, options: RenderOptions, skip_exi
             "step": np.array(step, dtype=object)}
 
 
+def _enter(folder: str) -> None:
+    """Run in the driver's folder, so that relative inputs and -o mean the same (and errors read the
+    same) on every node; a Ray worker process serves one run only. The folder must be shared."""
+    if os.getcwd() != folder and os.path.isdir(folder):
+        os.chdir(folder)
+
+
 def _map(ray, jobs: Sequence[tuple[int, Job]], fn, fn_kwargs: dict, show_progress: bool,
          desc: str | None = None) -> list[dict]:
     """fn over the jobs as a Ray Data pipeline; the output rows, in the jobs' order."""
@@ -120,7 +129,7 @@ def _map(ray, jobs: Sequence[tuple[int, Job]], fn, fn_kwargs: dict, show_progres
     context.enable_progress_bars = False  # Ray's bars log a line a second where stderr is no terminal
     if LOG_LEVEL[0] != "DEBUG":
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-    items = [{"index": k, "job": pickle.dumps(job)} for k, job in jobs]
+    items = [{"index": k, "job": pickle.dumps(job), "cwd": os.getcwd()} for k, job in jobs]
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * cpus)))
     ds = ds.map_batches(fn, fn_kwargs=fn_kwargs, batch_size=BATCH_SIZE, batch_format="numpy")

@@ -46,17 +46,18 @@ def test_merged_step_functions_equal_the_whole_sets():
         assert choose_shared_threshold(merged, target) == choose_shared_threshold(whole, target)
 
 
-def test_ray_summaries_equal_the_local_engine(photos, tmp_path, ray_cluster):  # noqa: F811
+def test_ray_summaries_equal_the_local_engine(photos, tmp_path, ray_cluster, monkeypatch):  # noqa: F811
     folder, data = photos
     (folder / "bad.jpg").write_bytes(CORRUPT)
     write_shards(tmp_path / "shards", data)
     (tmp_path / "tables").mkdir()
     write_table(tmp_path / "tables" / "hf.parquet", [("a.jpg", data["a.jpg"]), ("none", None),
                                                      ("c.jpg", data["c.jpg"])])
-    inputs = [folder, tmp_path / "shards" / "{000..001}.tar", tmp_path / "tables" / "hf.parquet"]
-    common = [*map(str, inputs), "--stats-only", "--target-ratio", "0.6", "--sweep", "-q"]
-    assert vp.main([*common, "-o", str(tmp_path / "local"), "--workers", "1"]) == 1
-    assert vp.main([*common, "-o", str(tmp_path / "ray"), "--engine", "ray"]) == 1
+    monkeypatch.chdir(tmp_path)  # relative paths: the Ray workers started elsewhere
+    inputs = ["folder", "shards/{000..001}.tar", "tables/hf.parquet"]
+    common = [*inputs, "--stats-only", "--target-ratio", "0.6", "--sweep", "-q"]
+    assert vp.main([*common, "-o", "local", "--workers", "1"]) == 1
+    assert vp.main([*common, "-o", "ray", "--engine", "ray"]) == 1
     for name in ("summary.csv", "summary.json", "threshold_sweep.csv"):
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
     summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
