@@ -201,6 +201,7 @@ SAMPLE_IMAGE = "pearl_earring.jpg"  # in apt_vis/data/ (provenance and licence: 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+CONTAINER_EXTENSIONS = (".tar", ".parquet")  # datasets: WebDataset shards, Parquet tables (apt_vis.datasets)
 
 # Rendering.
 BORDER_GREEN = (0, 255, 0)
@@ -972,19 +973,21 @@ def check_input_file(path: Path) -> None:
         raise ToolError(f"{path}: file is empty")
 
 
-def load_image(path: Path) -> Image.Image:
+def load_image(path: Path, data: bytes | None = None) -> Image.Image:
     """Decode the first frame, apply the EXIF orientation, convert to RGB.
 
+    data: the encoded image (a member of a shard or table), path then only names it.
     Raises ToolError naming the path for every way a file can fail to be an image; PIL's
     warnings about a damaged file (such as corrupt EXIF data) become one logged line.
     """
-    check_input_file(path)
+    if data is None:
+        check_input_file(path)
     caught: list[warnings.WarningMessage] = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path if data is None else io.BytesIO(data)) as image:
                 image.seek(0)
                 image.load()
                 mode = image.mode
@@ -1053,6 +1056,7 @@ class Job:
     label: str  # how summaries name it: its path relative to the input root
     out_dir: Path  # this input's output folder
     kind: str  # 'image' or 'video'
+    member: tuple | None = None  # inside a tar shard or Parquet file: how apt_vis.datasets reads it
 
 
 @dataclass
@@ -1391,7 +1395,8 @@ def resize_for_qwen2vl(image: Image.Image, settings: Settings, label: str = "ima
 def prepare_image(job: Job, settings: Settings, pictures: bool) -> Prepared:
     """Load, orient, convert and resize one image; encode the original when pictures are wanted."""
     watch = Stopwatch()
-    original = load_image(job.path)
+    data = None if job.member is None else extension("datasets").read_member(job)
+    original = load_image(job.path, data)
     watch.lap("load")
     return prepare_loaded(job, original, settings, pictures, watch)
 
@@ -2084,6 +2089,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Reuse inputs whose outputs of the same settings already exist (resume a run).")
     batch.add_argument("--stats-only", action="store_true",
                        help="Numbers only: stats.json and importance_maps.npz per input, no pictures.")
+    batch.add_argument("--image-column", metavar="COL",
+                       help="Parquet inputs: the column of encoded images (default: the first binary column, "
+                       "or struct with a 'bytes' field).")
+    batch.add_argument("--id-column", metavar="COL",
+                       help="Parquet inputs: the column naming each row (default: the image struct's 'path', "
+                       "else the row number).")
+    batch.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="'local': worker processes on this machine; 'ray': a Ray Data pipeline, on a cluster "
+                       "(needs pip install 'ray[data]'; -o must be writable by every worker) (default: %(default)s).")
+    batch.add_argument("--ray-address", metavar="ADDR",
+                       help="--engine ray: the cluster to join (default: $RAY_ADDRESS, else a local Ray for the run).")
 
     video = parser.add_argument_group("video (Qwen2-VL video processor)")
     video.add_argument("--fps", type=positive_float, metavar="F",
@@ -2195,21 +2211,27 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
         if not inputs:
             inputs = [str(sample_image_path())]
             logger.info(f"no input given: using the sample photo {inputs[0]}")
-        if len(inputs) == 1 and Path(inputs[0]).is_file():
+        if len(inputs) == 1 and Path(inputs[0]).is_file() and Path(inputs[0]).suffix.lower() not in CONTAINER_EXTENSIONS:
             path = Path(inputs[0])
             found = Discovery([Job(path, str(path), args.output, kind_of(path) or "image")], 0, True, [], 0)
         else:
-            found = extension("batch").discover(inputs, args.output)
+            found = extension("batch").discover(inputs, args.output, args.image_column, args.id_column)
         if options.sweep or settings.target_ratio is not None:
             extension("thresholds")
         if any(job.kind == "video" for job in found.jobs):
             extension("video")
+        if args.engine == "ray" and not found.flat:
+            extension("ray_engine").ray_module()  # a missing Ray: one line before any work
         check_write_paths(found, args.output, settings, options)
         check_output_dir(args.output)
         with OutputLock(args.output):
             if found.flat:
                 return run_one(found.jobs[0], args, settings, options, scorer)
             hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
+            if args.engine == "ray":
+                logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; engine ray")
+                return extension("ray_engine").run_ray(found, args.output, settings, options, args.skip_existing,
+                                                       not args.quiet and len(found.jobs) > 1, args.ray_address)
             logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
                         f"{args.workers} workers, device {scorer.device}")
             return extension("batch").run_batch(found, args.output, settings, options, scorer, args.workers, args.skip_existing,

@@ -56,6 +56,7 @@ from visualize_patches import (
     score_input,
     write_files,
 )
+from apt_vis.datasets import container_jobs, container_kind, expand_braces
 from apt_vis.pictures import render_batch_summary_plot
 from apt_vis.thresholds import resolve_thresholds, sweep_files
 
@@ -154,8 +155,13 @@ def _keyed(path: Path, root: Path) -> tuple[str, str]:
     return os.path.join(root_key, relative), root_key
 
 
-def discover(inputs: Sequence[str], out_root: Path) -> Discovery:
+def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = None,
+             id_column: str | None = None) -> Discovery:
     """Expand files, folders (recursively) and glob patterns into jobs.
+
+    Tar shards and Parquet files (found as files, in folders or by globs; brace ranges such as
+    'shards/{000..099}.tar' expanded) give one job per image inside (see apt_vis.datasets),
+    labelled SHARD.tar/KEY.EXT and FILE.parquet/ID.
 
     A single existing file keeps the flat layout; anything else gets one
     folder per input mirroring its path (full file name included) relative to
@@ -163,11 +169,13 @@ def discover(inputs: Sequence[str], out_root: Path) -> Discovery:
     Entries that cannot be read (unreadable folders, broken links, link loops)
     become Discovery.failed rather than errors.
     """
-    if len(inputs) == 1 and Path(inputs[0]).is_file():
+    if len(inputs) == 1 and Path(inputs[0]).is_file() and container_kind(Path(inputs[0])) is None:
         path = Path(inputs[0])
         return Discovery([Job(path, str(path), out_root, kind_of(path) or "image")], 0, True, [], 0)
+    inputs = [e for text in inputs for e in (expand_braces(text) if "{" in text and not os.path.exists(text)
+                                             else [text])]
     exclude = os.path.realpath(out_root)
-    found: list[tuple[Path, str, str, str]] = []  # (file, key, root key, kind)
+    found: list[tuple[Path, str, str, str, tuple | None]] = []  # (file, key, root key, kind, member)
     problems: list[tuple[str, str, str]] = []  # (key, root key, reason)
     hidden: list[Path] = []
     skipped = 0
@@ -206,23 +214,32 @@ def discover(inputs: Sequence[str], out_root: Path) -> Discovery:
             raise ToolError(_link_problem(path) or f"{text}: no such file or directory")
         usable = 0
         for candidate in candidates:
+            if container_kind(candidate) is not None:
+                key, root_key = _keyed(candidate, root)
+                members, broken, others = container_jobs(candidate, image_column, id_column)
+                found += [(candidate / name, f"{key}/{name}", root_key, kind, member)
+                          for name, kind, member in members]
+                problems += [(f"{key}/{name}" if name else key, root_key, reason) for name, reason in broken]
+                skipped += others
+                usable += len(members) + len(broken)
+                continue
             kind = kind_of(candidate)
             if kind is None:
                 skipped += 1
             else:
-                found.append((candidate, *_keyed(candidate, root), kind))
+                found.append((candidate, *_keyed(candidate, root), kind, None))
                 usable += 1
         problems += [(*_keyed(p, root), reason) for p, reason in failed]
         if usable == 0 and not failed:
             raise ToolError(f"{text}: no images or videos found ({len(candidates)} other files skipped)")
-    common = os.path.commonpath([r for _, _, r, _ in found] + [r for _, r, _ in problems])
+    common = os.path.commonpath([r for _, _, r, _, _ in found] + [r for _, r, _ in problems])
     jobs, seen = [], set()
-    for path, key, _, kind in found:
+    for path, key, _, kind, member in found:
         if key in seen:
             continue
         seen.add(key)
         relative = Path(os.path.relpath(key, common))
-        jobs.append(Job(path, relative.as_posix(), out_root / relative, kind))
+        jobs.append(Job(path, relative.as_posix(), out_root / relative, kind, member))
     failures = {key: (Path(os.path.relpath(key, common)).as_posix(), reason) for key, _, reason in problems}
     hidden_keys = {os.path.join(os.path.realpath(p.parent), p.name) for p in hidden}
     return Discovery(jobs, skipped, False, list(failures.values()), len(hidden_keys))

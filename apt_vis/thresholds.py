@@ -171,8 +171,9 @@ def sweep_files(
     maps_list: Sequence[Mapping[int, np.ndarray]], settings: Settings, current: int | None, title: str, plot: bool,
 ) -> dict[str, bytes]:
     """threshold_sweep.csv (and .png): counts against one threshold shared by all scales.
-    current: the run's own APT patch count at settings.thresholds, marked on the plot."""
-    counts = SharedThresholdCounts.from_maps(maps_list)
+    current: the run's own APT patch count at settings.thresholds, marked on the plot.
+    maps_list may also be their SharedThresholdCounts, already built (--engine ray)."""
+    counts = maps_list if isinstance(maps_list, SharedThresholdCounts) else SharedThresholdCounts.from_maps(maps_list)
     thresholds = sweep_thresholds(counts)
     per_scale = counts.counts(thresholds)
     total = sum(per_scale.values())
