@@ -168,6 +168,8 @@ def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = N
     the inputs' common root. Raises ToolError for inputs that match nothing.
     Entries that cannot be read (unreadable folders, broken links, link loops)
     become Discovery.failed rather than errors.
+    (Long because every kind of input (file, folder, glob, shard, table) meets the same
+    bookkeeping of roots, keys, failures and hidden entries in one pass.)
     """
     if len(inputs) == 1 and Path(inputs[0]).is_file() and container_kind(Path(inputs[0])) is None:
         path = Path(inputs[0])
@@ -462,7 +464,9 @@ class Progress:
 
 def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, scorer: Scorer,
               workers: int, skip_existing: bool, show_progress: bool, signals: StopSignals) -> int:
-    """Every job, then summaries; exit status 1 when any input failed, 128 + N after signal N."""
+    """Every job, then summaries; exit status 1 when any input failed, 128 + N after signal N.
+    (Long because the two nested try blocks are the interrupt protocol: the first signal drains
+    the inputs in progress, the second kills the workers; the summaries are written either way.)"""
     unreadable = [Job(Path(label), label, out_root / label, "") for label, _ in found.failed]  # kind "": never run
     jobs = [*unreadable, *found.jobs]
     rows: dict[Job, dict] = {}
