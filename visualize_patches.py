@@ -1807,8 +1807,9 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
     sizes = settings.patch_sizes
     for i, ps in enumerate(sizes):
         threshold = settings.thresholds[i - 1] if i >= 1 else None
+        # flat colours and text: level 1 is as small as level 3 (+2%) in half the time
         files[heatmap_name(ps)] = encode_png(render_heatmap(result.maps[ps], ps, p.resized.shape[:2], threshold,
-                                                            counts[ps], label))
+                                                            counts[ps], label), compress_level=1)
     colors = scale_palette(len(sizes)) if options.color_by_scale else None
     overlay = draw_patch_borders(p.resized, result.masks, options.line_color, options.line_thickness, colors)
     overlay_image = Image.fromarray(overlay)
