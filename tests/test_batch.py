@@ -179,8 +179,8 @@ def test_interrupt_writes_summary_and_resume_completes(tmp_path):
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     # count finished images only: an image being written has its stats.json in a hidden staging folder
-    finished = lambda: [p for p in out.rglob("stats.json") if not p.parent.name.startswith(vp.STAGING_PREFIX)]  # noqa: E731
-    while time.time() < deadline and len(finished()) < 2:
+    while time.time() < deadline and sum(not p.parent.name.startswith(vp.STAGING_PREFIX)
+                                         for p in out.rglob("stats.json")) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
