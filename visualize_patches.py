@@ -794,8 +794,7 @@ def laplacian_maps_np(images_u8: np.ndarray, patch_sizes: Sequence[int], aggrega
 def upsample_mse_maps_np(images_u8: np.ndarray, patch_sizes: Sequence[int], aggregate: str) -> dict[int, np.ndarray]:
     """As score_upsample_mse, whose bilinear resampling is torch's interpolate: torch is imported
     here, on first use, and only for this method."""
-    import torch
-
+    torch = require_torch("--method upsample_mse")
     _check_images_np(images_u8)
     h, w = images_u8.shape[2:4]
     tensor = torch.from_numpy(np.ascontiguousarray(images_u8)).permute(0, 1, 4, 2, 3)
@@ -1637,8 +1636,7 @@ class Scorer:
                 stacked = np.stack([images[k] if images[k].ndim == 4 else images[k][None] for k in chunk])
                 # (B, T, H, W, 3) -> (B, T, 3, H, W); the normalise-and-round trip of
                 # compute_importance_maps returns these same uint8 values (tested), so skip it
-                import torch
-
+                torch = require_torch("--device cuda")
                 tensor = torch.from_numpy(stacked).to(self.device).permute(0, 1, 4, 2, 3)
                 maps = tokenizer.importance_from_uint8(tensor)
                 arrays = {ps: m.cpu().numpy() for ps, m in maps.items()}
@@ -1659,6 +1657,21 @@ def nvidia_gpu_visible() -> bool:
     if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
         return False
     return os.path.exists("/proc/driver/nvidia") or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+TORCH_INSTALL_HINT = ("pip install torch (CPU only: pip install torch --index-url "
+                      "https://download.pytorch.org/whl/cpu); see the README's Set-up")
+
+
+def require_torch(what: str):
+    """The torch module, imported now (CUDA, video, upsample_mse); a ToolError naming `what` without it."""
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        raise ToolError(f"{what} needs torch, which is not installed: {TORCH_INSTALL_HINT}") from None
+    return torch
 
 
 def cuda_available() -> bool:
@@ -2114,6 +2127,11 @@ SETTINGS_FLAGS = ("patch_size", "temporal_patch_size", "merge_size", "min_pixels
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Settings, RenderOptions, Scorer]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.device == "cuda":
+        try:
+            require_torch("--device cuda")
+        except ToolError as exc:
+            parser.error(str(exc))
     if args.device == "cuda" and not cuda_available():
         parser.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     if args.method != "entropy" and args.thresholds is None and args.target_ratio is None:
