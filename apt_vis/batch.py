@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 from loguru import logger
 
 from visualize_patches import (
@@ -296,7 +295,8 @@ def _worker_init(log_level: str | None, main_pid: int) -> None:
     _die_with(main_pid)
     if log_level is not None:  # this process is the tool's own: log as the main process does
         configure_logging(log_level)
-    torch.set_num_threads(1)  # the workers are the parallelism
+    if "torch" in sys.modules:  # only CUDA runs and upsample_mse import it; a CPU run never does
+        sys.modules["torch"].set_num_threads(1)  # the workers are the parallelism
 
 
 class Executor:

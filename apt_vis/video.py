@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 from loguru import logger
 
@@ -47,6 +45,7 @@ from visualize_patches import (
     one_line,
     patch_counts,
     release_free_memory,
+    require_torch,
     scale_palette,
     smart_resize,
     staged_output,
@@ -68,6 +67,7 @@ def sample_frame_indices(
     taken; the last tube is then padded by repeating its last frame, as Qwen2-VL's
     patchify does.
     """
+    torch = require_torch("video")  # arange's float32 steps, exactly as transformers takes them
     t = temporal_patch_size
     cap = math.floor(min(max_frames, total_frames) / t) * t
     wanted = total_frames / video_fps * fps
@@ -245,6 +245,8 @@ def resize_frame(rgb: np.ndarray, size: tuple[int, int], resample: int = BICUBIC
         supported = ", ".join(f"{k} ({RESAMPLE_NAMES[k]})" for k in VIDEO_RESIZE_MODES)
         raise ToolError(f"resample {resample} ({RESAMPLE_NAMES.get(resample, 'unknown')}) is not supported for "
                         f"video frames; supported: {supported}")
+    torch = require_torch("video")  # exact frame resizing; an image-only run never imports torch
+    F = torch.nn.functional
     x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).contiguous()  # (1, 3, H, W)
     native = mode != "bilinear" or (torch.backends.cpu.get_cpu_capability() in NATIVE_UINT8_BILINEAR_CPUS
                                     or platform.machine() in NATIVE_UINT8_BILINEAR_MACHINES)

@@ -34,10 +34,10 @@ def machine() -> str:
     return f"{cpu}, {len(os.sched_getaffinity(0))} cores{mem}, Python {platform.python_version()}"
 
 
-def run_measured(args: list[str], cwd: Path | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process."""
+def run_measured(args: list[str], cwd: Path | None = None, env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB of the largest of the child and the descendants it waited for)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import visualize_patches as vp
 from conftest import PEARL, TOOL, run_cli, sample_photo
 
 
@@ -177,7 +178,9 @@ def test_interrupt_writes_summary_and_resume_completes(tmp_path):
     proc = subprocess.Popen([sys.executable, str(TOOL), str(root), "-o", str(out), "--workers", "1", "-q"],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.rglob("stats.json"))) < 2:
+    # count finished images only: an image being written has its stats.json in a hidden staging folder
+    while time.time() < deadline and sum(not p.parent.name.startswith(vp.STAGING_PREFIX)
+                                         for p in out.rglob("stats.json")) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TOOL
+from conftest import PEARL, ROOT, TOOL
 
 import visualize_patches as vp
 
@@ -143,14 +143,21 @@ def test_import_from_another_directory(installed, tmp_path):
     assert (static / "explorer.html").is_file()
 
 
-def test_missing_torch_is_one_line(installed, tmp_path):
-    """Torch is an extra: without it the command and the script say so in one line, exit 1."""
+def test_without_torch_images_run_and_torch_uses_say_so_in_one_line(installed, tmp_path):
+    """Torch is an extra: without it images on the CPU are analysed (the command and the script);
+    --device cuda (exit 2) and a video (exit 1) say in one line that they need torch."""
     env = _fake_missing_torch(tmp_path / "no_torch")
-    for command in ([installed / "visualize-patches", "--version"], [sys.executable, TOOL, "--version"]):
-        proc = _run(*command, cwd=tmp_path, env=env)
-        assert proc.returncode == 1, proc.stderr
-        assert len(proc.stderr.splitlines()) == 1 and "torch is not installed" in proc.stderr, proc.stderr
-        assert "pip install" in proc.stderr
+    for k, command in enumerate(([installed / "visualize-patches"], [sys.executable, TOOL])):
+        proc = _run(*command, PEARL, "-o", tmp_path / f"out{k}", "-q", cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / f"out{k}" / "stats.json").is_file()
+        proc = _run(*command, PEARL, "-o", tmp_path / f"cuda{k}", "--device", "cuda", cwd=tmp_path, env=env)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert "--device cuda needs torch" in proc.stderr and "pip install" in proc.stderr
+    proc = _run(sys.executable, TOOL, ROOT / "tests" / "golden" / "clip.mp4", "-o", tmp_path / "video", "-q", cwd=tmp_path, env=env)
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "video needs torch, which is not installed" in proc.stderr and "pip install" in proc.stderr
+    assert not list((tmp_path / "video").rglob("stats.json"))
 
 
 def test_editable_install(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import PIL
 from PIL import Image
 
 import apt_vis.batch as apt_batch
@@ -207,7 +208,7 @@ def _as_nobody() -> list[str]:
         pytest.skip("running as root without setpriv: cannot test an unreadable folder")
     prefix = [setpriv, "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
     readable = "import os, sys; sys.exit(not all(os.access(p, os.R_OK) for p in sys.argv[1:]))"
-    probe = subprocess.run([*prefix, sys.executable, "-c", readable, str(TOOL), np.__file__, vp.torch.__file__],
+    probe = subprocess.run([*prefix, sys.executable, "-c", readable, str(TOOL), np.__file__, PIL.__file__],
                            capture_output=True)
     if probe.returncode != 0:
         pytest.skip("the user nobody cannot run the tool here")

@@ -1,0 +1,1 @@
+"""stand-in: unused by the visualisation path"""
