@@ -86,12 +86,14 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-
 from loguru import logger
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it is used (CUDA, upsample_mse)
+    import torch
 
 __version__ = "1.0.0"
 
