@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fnmatch
 import functools
 import glob
 import multiprocessing
@@ -129,6 +130,58 @@ def _walk(folder: Path, exclude: str, failed: list[tuple[Path, str]], hidden: li
         stack.extend(reversed(folders))
 
 
+def _glob(pattern: str, failed: list[tuple[Path, str]]) -> list[str]:
+    """glob.glob(pattern, recursive=True), except that '**' never enters a folder link that leads
+    back to a folder above it: such a link goes to failed as a loop, once. (glob.glob follows
+    folder links, and two loops make its '**' exponential.) Hidden names match only when the
+    pattern part starts with a dot, as in glob."""
+    if "**" not in pattern:
+        return glob.glob(pattern)
+    root = _glob_root(pattern)
+    parts = Path(pattern).parts[0 if str(root) == "." else len(root.parts):]
+    matches: set[str] = set()
+    loops: dict[str, str] = {}
+
+    def names(folder: str) -> list[str]:
+        try:
+            return sorted(os.listdir(folder or "."))
+        except OSError:
+            return []
+
+    def match(here: str, i: int, ancestors: frozenset[str]) -> None:
+        if i == len(parts):
+            matches.add(here)
+            return
+        part = parts[i]
+        if part == "**":
+            match(here, i + 1, ancestors)  # zero folders
+            for name in names(here):
+                path = os.path.join(here, name)
+                if name.startswith(".") or not os.path.isdir(path):
+                    continue
+                real = os.path.realpath(path)
+                if real in ancestors:
+                    loops.setdefault(path, f"{path}: symbolic link loop (leads back to {real})")
+                    continue
+                if i + 1 == len(parts):
+                    matches.add(path)  # a trailing '**' matches the folders too
+                match(path, i, ancestors | {real})
+        elif glob.has_magic(part):
+            for name in names(here):
+                if fnmatch.fnmatch(name, part) and (part.startswith(".") or not name.startswith(".")):
+                    path = os.path.join(here, name)
+                    match(path, i + 1, ancestors | {os.path.realpath(path)})
+        else:
+            path = os.path.join(here, part)
+            if os.path.lexists(path):
+                match(path, i + 1, ancestors | {os.path.realpath(path)})
+
+    start = "" if str(root) == "." else str(root)
+    match(start, 0, frozenset({os.path.realpath(start or ".")}))
+    failed.extend((Path(path), reason) for path, reason in sorted(loops.items()))
+    return sorted(matches)
+
+
 def _loop_on_the_way(path: Path, root: Path, real: Callable[[str], str]) -> tuple[Path | None, frozenset[str]]:
     """For a folder below root: the first folder on the way down from root (itself included)
     that leads back to one before it, if any, and the real paths of those folders.
@@ -195,7 +248,7 @@ def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = N
             root = _glob_root(text)
             candidates = []
             real = functools.lru_cache(maxsize=None)(os.path.realpath)
-            for match in sorted(glob.glob(text, recursive=True)):
+            for match in _glob(text, failed):
                 m = Path(match)
                 if _inside(real(match), exclude):
                     continue  # the outputs are never inputs

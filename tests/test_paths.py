@@ -18,7 +18,7 @@ from PIL import Image
 
 import apt_vis.batch as apt_batch
 import visualize_patches as vp
-from conftest import TOOL, run_cli
+from conftest import ROOT, TOOL, run_cli
 
 
 def tiny_png(path: Path, seed: int) -> Path:
@@ -174,6 +174,26 @@ def test_glob_through_a_folder_loop_finds_each_file_once(tmp_path, monkeypatch):
         assert [j.label for j in found.jobs] == ["a.png", "sub/b.png"], pattern
         assert [label for label, _ in found.failed] == ["sub/up"], pattern
         assert "symbolic link loop" in found.failed[0][1]
+
+
+def test_glob_through_several_folder_loops_does_not_hang(tmp_path):
+    """Two or more links back up make glob.glob's '**' recurse exponentially (it follows folder
+    links): discovery must stay linear and report each loop once. In a subprocess, with a limit."""
+    root = tmp_path / "in"
+    tiny_png(root / "a.png", 1)
+    tiny_png(root / "sub" / "b.png", 2)
+    for name in ("up1", "up2", "up3"):
+        (root / "sub" / name).symlink_to("..")
+    code = ("import sys, apt_vis.batch as b; from pathlib import Path; "
+            "f = b.discover(['in/**/*.png'], Path('out')); "
+            "print(sorted(j.label for j in f.jobs), sorted(l for l, _ in f.failed))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        pytest.fail("discovery of in/**/*.png did not finish in 30 s")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['a.png', 'sub/b.png'] ['sub/up1', 'sub/up2', 'sub/up3']"
 
 
 def test_same_file_twice_counts_once_two_links_count_twice(tmp_path):
