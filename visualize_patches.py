@@ -541,31 +541,13 @@ AGGREGATES = ("mean", "max", "std")
 
 
 def select_patches(maps: Mapping[int, torch.Tensor], thresholds: Sequence[float]) -> dict[int, torch.Tensor]:
-    """APT's patch choice from importance maps (smallest patch size first).
-
-    From the largest scale down, a patch of scale i >= 1 is chosen where its
-    score < thresholds[i-1] and no larger chosen patch covers it; every base
-    cell not covered is a base patch. NaN (padded) cells are never chosen.
-    Returns {patch size: (..., rows, cols) bool}; the chosen patches tile the grid once.
-    """
+    """select_patches_np for torch maps (any device): bool tensors on the maps' device. The masks
+    are a few thousand cells, so the one rule runs in numpy whatever the device."""
     import torch
 
-    sizes = sorted(maps)
-    if len(thresholds) != len(sizes) - 1:
-        raise ValueError(f"{len(sizes)} scales need {len(sizes) - 1} thresholds, got {len(thresholds)}")
-    masks: dict[int, torch.Tensor] = {}
-    covered = None
-    for i in range(len(sizes) - 1, -1, -1):
-        scores = maps[sizes[i]]
-        rows, cols = scores.shape[-2:]
-        if covered is None:
-            covered = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-        else:
-            covered = covered.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[..., :rows, :cols]
-        chosen = ~covered if i == 0 else (scores < thresholds[i - 1]) & ~covered
-        masks[sizes[i]] = chosen
-        covered = covered | chosen
-    return {ps: masks[ps] for ps in sizes}
+    device = next(iter(maps.values())).device
+    chosen = select_patches_np({ps: m.detach().cpu().numpy() for ps, m in maps.items()}, thresholds)
+    return {ps: torch.from_numpy(m).to(device) for ps, m in chosen.items()}
 
 
 def _inference_mode(method: Callable) -> Callable:
@@ -835,7 +817,13 @@ def importance_maps_np(images_u8: np.ndarray, patch_sizes: Sequence[int], method
 
 
 def select_patches_np(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> dict[int, np.ndarray]:
-    """select_patches for numpy maps: {patch size: (..., rows, cols) bool}, the same masks."""
+    """APT's patch choice from importance maps (smallest patch size first).
+
+    From the largest scale down, a patch of scale i >= 1 is chosen where its
+    score < thresholds[i-1] and no larger chosen patch covers it; every base
+    cell not covered is a base patch. NaN (padded) cells are never chosen.
+    Returns {patch size: (..., rows, cols) bool}; the chosen patches tile the grid once.
+    """
     sizes = sorted(maps)
     if len(thresholds) != len(sizes) - 1:
         raise ValueError(f"{len(sizes)} scales need {len(sizes) - 1} thresholds, got {len(thresholds)}")
