@@ -530,14 +530,12 @@ def score_upsample_mse(images_u8: torch.Tensor, patch_sizes: Sequence[int], aggr
     return maps
 
 
-# name -> (scorer, what its scores are, for colour bars). Only entropy is integer-exact
-# and bit-identical across devices; the others are float64 arithmetic.
-SCORERS: dict[str, tuple[Callable[..., dict[int, torch.Tensor]], str]] = {
-    "entropy": (score_entropy, "entropy (bits)"),
-    "laplacian": (score_laplacian, "|Laplacian| of [0,1] gray"),
-    "upsample_mse": (score_upsample_mse, "down-up resampling MSE"),
+# The torch scorers by name, as SCORERS (the numpy ones, which CPU runs use).
+TORCH_SCORERS: dict[str, Callable[..., dict[int, torch.Tensor]]] = {
+    "entropy": score_entropy,
+    "laplacian": score_laplacian,
+    "upsample_mse": score_upsample_mse,
 }
-AGGREGATES = ("mean", "max", "std")
 
 
 def select_patches(maps: Mapping[int, torch.Tensor], thresholds: Sequence[float]) -> dict[int, torch.Tensor]:
@@ -582,8 +580,8 @@ class PatchTokenizer:
     ):
         if len(thresholds) != num_scales - 1:
             raise ValueError(f"{num_scales} scales need {num_scales - 1} thresholds, got {len(thresholds)}")
-        if method not in SCORERS:
-            raise ValueError(f"unknown method {method!r}; choose from {sorted(SCORERS)}")
+        if method not in TORCH_SCORERS:
+            raise ValueError(f"unknown method {method!r}; choose from {sorted(TORCH_SCORERS)}")
         if aggregate not in AGGREGATES:
             raise ValueError(f"unknown aggregate {aggregate!r}; choose from {AGGREGATES}")
         self.num_scales = num_scales
@@ -623,7 +621,7 @@ class PatchTokenizer:
 
         if images_u8.dim() != 5 or images_u8.shape[2] != 3 or images_u8.dtype != torch.uint8:
             raise ValueError(f"expected uint8 (B, T, 3, H, W), got {images_u8.dtype} {tuple(images_u8.shape)}")
-        scorer = SCORERS[self.method][0]
+        scorer = TORCH_SCORERS[self.method]
         h, w = images_u8.shape[-2:]
         maps = {}
         for ps, m in scorer(images_u8, self.patch_sizes, self.aggregate).items():
@@ -635,6 +633,34 @@ class PatchTokenizer:
     def construct_masks(self, maps: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         """{patch size: scores} -> {patch size: bool mask of chosen patches}."""
         return select_patches(maps, self.thresholds)
+
+
+def cuda_maps(images: Sequence[np.ndarray], settings: Settings, device: str,
+              batch: int) -> list[dict[int, np.ndarray]]:
+    """Scorer.maps on a torch device: PatchTokenizer on inputs of equal shape, `batch` at a time."""
+    tokenizer = PatchTokenizer(
+        num_scales=settings.num_scales, base_patch_size=settings.patch_size, thresholds=settings.thresholds,
+        mean=settings.image_mean, std=settings.image_std, method=settings.method, aggregate=settings.aggregate,
+    )
+    results: list[dict[int, np.ndarray] | None] = [None] * len(images)
+    by_shape: dict[tuple, list[int]] = {}
+    for k, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(k)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch):
+            chunk = indices[start:start + batch]
+            stacked = np.stack([images[k] if images[k].ndim == 4 else images[k][None] for k in chunk])
+            # (B, T, H, W, 3) -> (B, T, 3, H, W); the normalise-and-round trip of
+            # compute_importance_maps returns these same uint8 values (tested), so skip it
+            torch = require_torch("--device cuda")
+            tensor = torch.from_numpy(stacked).to(device).permute(0, 1, 4, 2, 3)
+            maps = tokenizer.importance_from_uint8(tensor)
+            arrays = {ps: m.cpu().numpy() for ps, m in maps.items()}
+            for j, k in enumerate(chunk):
+                # copies in numpy's own memory: holding many small torch-allocated buffers
+                # fragments the heap (measured: +260 MB over a 600-frame video)
+                results[k] = {ps: a[j].copy() for ps, a in arrays.items()}
+    return results  # type: ignore[return-value]
 
 
 # The CPU backend: the same maps and masks in numpy, so that a CPU run never imports torch.
@@ -797,11 +823,14 @@ def upsample_mse_maps_np(images_u8: np.ndarray, patch_sizes: Sequence[int], aggr
     return out
 
 
-SCORERS_NP: dict[str, Callable[..., dict[int, np.ndarray]]] = {
-    "entropy": lambda images, sizes, aggregate: entropy_maps_np(images, sizes),
-    "laplacian": laplacian_maps_np,
-    "upsample_mse": upsample_mse_maps_np,
+# name -> (scorer, what its scores are, for colour bars). Only entropy is integer-exact
+# and bit-identical across devices; the others are float64 arithmetic.
+SCORERS: dict[str, tuple[Callable[..., dict[int, np.ndarray]], str]] = {
+    "entropy": (lambda images, sizes, aggregate: entropy_maps_np(images, sizes), "entropy (bits)"),
+    "laplacian": (laplacian_maps_np, "|Laplacian| of [0,1] gray"),
+    "upsample_mse": (upsample_mse_maps_np, "down-up resampling MSE"),
 }
+AGGREGATES = ("mean", "max", "std")
 
 
 def importance_maps_np(images_u8: np.ndarray, patch_sizes: Sequence[int], method: str,
@@ -809,11 +838,11 @@ def importance_maps_np(images_u8: np.ndarray, patch_sizes: Sequence[int], method
     """(B, T, H, W, 3) uint8 RGB -> {patch size: (B, rows, cols) float64}, NaN in padded cells:
     what PatchTokenizer(method=..., aggregate=...).importance_from_uint8 returns for the same
     pixels as (B, T, 3, H, W). Patch sizes must double from one scale to the next."""
-    if method not in SCORERS_NP:
-        raise ValueError(f"unknown method {method!r}; choose from {sorted(SCORERS_NP)}")
+    if method not in SCORERS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(SCORERS)}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"unknown aggregate {aggregate!r}; choose from {AGGREGATES}")
-    return SCORERS_NP[method](images_u8, tuple(patch_sizes), aggregate)
+    return SCORERS[method][0](images_u8, tuple(patch_sizes), aggregate)
 
 
 def select_patches_np(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> dict[int, np.ndarray]:
@@ -1671,29 +1700,7 @@ class Scorer:
                 maps = importance_maps_np(tube[None], settings.patch_sizes, settings.method, settings.aggregate)
                 results.append({ps: m[0] for ps, m in maps.items()})
             return results
-        tokenizer = PatchTokenizer(
-            num_scales=settings.num_scales, base_patch_size=settings.patch_size, thresholds=settings.thresholds,
-            mean=settings.image_mean, std=settings.image_std, method=settings.method, aggregate=settings.aggregate,
-        )
-        results: list[dict[int, np.ndarray] | None] = [None] * len(images)
-        by_shape: dict[tuple, list[int]] = {}
-        for k, image in enumerate(images):
-            by_shape.setdefault(image.shape, []).append(k)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self.batch):
-                chunk = indices[start:start + self.batch]
-                stacked = np.stack([images[k] if images[k].ndim == 4 else images[k][None] for k in chunk])
-                # (B, T, H, W, 3) -> (B, T, 3, H, W); the normalise-and-round trip of
-                # compute_importance_maps returns these same uint8 values (tested), so skip it
-                torch = require_torch("--device cuda")
-                tensor = torch.from_numpy(stacked).to(self.device).permute(0, 1, 4, 2, 3)
-                maps = tokenizer.importance_from_uint8(tensor)
-                arrays = {ps: m.cpu().numpy() for ps, m in maps.items()}
-                for j, k in enumerate(chunk):
-                    # copies in numpy's own memory: holding many small torch-allocated buffers
-                    # fragments the heap (measured: +260 MB over a 600-frame video)
-                    results[k] = {ps: a[j].copy() for ps, a in arrays.items()}
-        return results  # type: ignore[return-value]
+        return cuda_maps(images, settings, self.device, self.batch)
 
 
 CPU = Scorer("cpu")

@@ -197,6 +197,21 @@ def test_scorer_cpu_equals_torch_cpu(pearl):
                 assert_maps_close(one, other, LAPLACIAN_RTOL, LAPLACIAN_ATOL)
 
 
+def test_cuda_runner_on_torch_cpu_equals_the_cpu_scorer(pearl):
+    """The CUDA scorer's runner (inputs grouped by shape, `batch` at a time, maps back to numpy),
+    driven on torch's CPU device: the same maps, in the input order, as the numpy CPU scorer, for a
+    mix of shapes and tubes that splits into several batches."""
+    resized = vp.resize_for_qwen2vl(Image.fromarray(pearl), vp.Settings())
+    small = resized[:280, :392]
+    inputs = [resized, small, resized[::-1].copy(), np.stack([small, small[::-1]]), small[:, ::-1].copy()]
+    settings = vp.Settings()
+    ours = vp.cuda_maps(inputs, settings, "cpu", batch=1 + 1)
+    theirs = vp.CPU.maps(inputs, settings)
+    assert len(ours) == len(theirs) == len(inputs)
+    for one, other in zip(ours, theirs):
+        assert_maps_identical(one, other)
+
+
 def test_numpy_functions_do_not_use_torch(monkeypatch):
     """With torch unimportable and every torch object visualize_patches holds poisoned, the
     entropy and laplacian maps and the masks still compute (upsample_mse alone may import it)."""
