@@ -29,6 +29,7 @@ import numpy as np, torch
 from PIL import Image
 sys.path.insert(0, ROOT)
 import visualize_patches as vp
+from apt_vis import torch_backend as tb
 
 def status(field):
     for line in open("/proc/self/status"):
@@ -45,11 +46,11 @@ def reset_peak():
 def one_hot_maps(normalized, patch_sizes):
     # the original tool's algorithm on the same integer bins: every pixel becomes a 512-wide
     # one-hot row, summed per patch into a histogram, then -sum p log2 p
-    u8 = vp.recover_uint8(normalized[:, None], vp.CLIP_MEAN, vp.CLIP_STD)
-    bins = vp.gray_bins(u8)  # (1, 1, H, W)
+    u8 = tb.recover_uint8(normalized[:, None], vp.CLIP_MEAN, vp.CLIP_STD)
+    bins = tb.gray_bins(u8)  # (1, 1, H, W)
     maps = {}
     for ps in patch_sizes:
-        cells = vp._patch_pixels(bins, ps)  # (1, rows, cols, N)
+        cells = tb._patch_pixels(bins, ps)  # (1, rows, cols, N)
         b, rows, cols, n = cells.shape
         flat = cells.reshape(-1, n).long()
         one_hot = torch.zeros(flat.shape[0], n, vp.ENTROPY_BINS)

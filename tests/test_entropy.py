@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import visualize_patches as vp
+from apt_vis import torch_backend as tb
 from conftest import PEARL, random_photo_like
 
 QUANTUM = 2.0**-vp.ENTROPY_QUANTUM_BITS
@@ -56,21 +57,21 @@ def fast_map(rgb: np.ndarray, patch_size: int) -> np.ndarray:
     if rgb.ndim == 3:
         rgb = rgb[None]
     tensor = torch.from_numpy(rgb).permute(0, 3, 1, 2)[None]  # (1, T, 3, H, W)
-    return vp.patch_entropy(vp.gray_bins(tensor), patch_size)[0].numpy()
+    return tb.patch_entropy(tb.gray_bins(tensor), patch_size)[0].numpy()
 
 
 @settings(max_examples=300, deadline=None)
 @given(r=st.integers(0, 255), g=st.integers(0, 255), b=st.integers(0, 255))
 def test_integer_binning_is_exact(r, g, b):
-    got = vp.gray_bins(torch.tensor([[[[r]], [[g]], [[b]]]], dtype=torch.uint8))
+    got = tb.gray_bins(torch.tensor([[[[r]], [[g]], [[b]]]], dtype=torch.uint8))
     assert int(got) == exact_bin(r, g, b)
 
 
 def test_integer_binning_all_grays_and_extremes():
     levels = torch.arange(256, dtype=torch.uint8)
-    grays = vp.gray_bins(levels.view(1, 1, 256).expand(3, 1, 256))
+    grays = tb.gray_bins(levels.view(1, 1, 256).expand(3, 1, 256))
     assert grays.flatten().tolist() == [exact_bin(v, v, v) for v in range(256)]
-    assert int(vp.gray_bins(torch.full((3, 1, 1), 255, dtype=torch.uint8))) == exact_bin(255, 255, 255) == 509
+    assert int(tb.gray_bins(torch.full((3, 1, 1), 255, dtype=torch.uint8))) == exact_bin(255, 255, 255) == 509
 
 
 def test_float32_binning_would_differ_somewhere():
@@ -79,7 +80,7 @@ def test_float32_binning_would_differ_somewhere():
     rgb = rng.integers(0, 256, size=(200_000, 3)).astype(np.float32)
     f32 = np.floor(2 * (np.float32(0.2989) * rgb[:, 0] + np.float32(0.5870) * rgb[:, 1]
                         + np.float32(0.1140) * rgb[:, 2])).astype(np.int64)
-    ours = vp.gray_bins(torch.from_numpy(rgb.T.astype(np.uint8)).view(3, 1, -1)).flatten().numpy()
+    ours = tb.gray_bins(torch.from_numpy(rgb.T.astype(np.uint8)).view(3, 1, -1)).flatten().numpy()
     mismatch = np.nonzero(f32 != ours)[0]
     assert mismatch.size > 0
     for k in mismatch[:20]:

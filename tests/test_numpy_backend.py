@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from PIL import Image
 
 import visualize_patches as vp
+from apt_vis import torch_backend as tb
 from conftest import PEARL, random_photo_like
 
 LAPLACIAN_RTOL = 1e-12
@@ -205,7 +206,7 @@ def test_cuda_runner_on_torch_cpu_equals_the_cpu_scorer(pearl):
     small = resized[:280, :392]
     inputs = [resized, small, resized[::-1].copy(), np.stack([small, small[::-1]]), small[:, ::-1].copy()]
     settings = vp.Settings()
-    ours = vp.cuda_maps(inputs, settings, "cpu", batch=1 + 1)
+    ours = tb.cuda_maps(inputs, settings, "cpu", batch=1 + 1)
     theirs = vp.CPU.maps(inputs, settings)
     assert len(ours) == len(theirs) == len(inputs)
     for one, other in zip(ours, theirs):

@@ -7,6 +7,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import visualize_patches as vp
+from apt_vis import torch_backend as tb
 from conftest import PEARL, random_photo_like, sample_photo
 
 
@@ -76,7 +77,7 @@ def test_uint8_recovered_exactly_for_every_level():
     rgb = np.stack(np.meshgrid(levels, levels[::-1], indexing="ij"), axis=-1)  # (256, 256, 2)
     rgb = np.concatenate([rgb, rgb[..., :1] // 3 + 7], axis=-1).astype(np.uint8)
     normalized = torch.from_numpy(vp.normalize_image(rgb))
-    recovered = vp.recover_uint8(normalized, vp.CLIP_MEAN, vp.CLIP_STD)
+    recovered = tb.recover_uint8(normalized, vp.CLIP_MEAN, vp.CLIP_STD)
     assert torch.equal(recovered.permute(1, 2, 0), torch.from_numpy(rgb))
 
 
@@ -85,5 +86,5 @@ def test_uint8_recovered_exactly_from_transformers_output():
     settings = vp.Settings()
     ref, _ = theirs(image, settings)
     resized = vp.resize_for_qwen2vl(image, settings)
-    recovered = vp.recover_uint8(torch.from_numpy(ref), vp.CLIP_MEAN, vp.CLIP_STD)
+    recovered = tb.recover_uint8(torch.from_numpy(ref), vp.CLIP_MEAN, vp.CLIP_STD)
     assert torch.equal(recovered.permute(1, 2, 0), torch.from_numpy(resized))
