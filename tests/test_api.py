@@ -126,3 +126,14 @@ def test_no_process_wide_side_effects():
     vp.analyze(np.zeros((64, 64, 3), np.uint8))
     assert {s: signal.getsignal(s) for s in vp.STOP_SIGNALS} == handlers
     assert dict(logger._core.handlers) == sinks
+
+
+def test_api_names_are_the_core_modules_face():
+    """analyze and Analysis live in apt_vis/api.py but are imported from the core, also with
+    `from ... import` and in dir() (a notebook's tab completion); unknown names stay AttributeErrors."""
+    from visualize_patches import Analysis, PatchTokenizer, analyze  # noqa: F401
+    import apt_vis.api
+    assert analyze is apt_vis.api.analyze and Analysis is apt_vis.api.Analysis
+    assert {"analyze", "Analysis", "PatchTokenizer"} <= set(dir(vp))
+    with pytest.raises(AttributeError):
+        vp.no_such_name
