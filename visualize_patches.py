@@ -154,18 +154,6 @@ MODEL_PRESETS: dict[str, dict] = {
         fps=2.0, min_frames=4, max_frames=768),
 }
 DEFAULT_MODEL = "qwen2-vl"
-# Which transformers video processor a model's videos follow: frame sampling and sizing differ.
-VIDEO_PROCESSOR_OF = {"qwen2-vl": "Qwen2VLVideoProcessor", "qwen2.5-vl": "Qwen2VLVideoProcessor",
-                      "qwen3-vl": "Qwen3VLVideoProcessor"}
-
-# --cap-pixels-per-frame, as transformers' video processors' cap_pixels_per_frame (qwen-vl-utils'
-# behaviour): Qwen2VLVideoProcessor shares 90 % of max_video_tokens = 128000 tokens' pixels among the
-# frames; Qwen3VLVideoProcessor caps each frame at max_video_tokens = 768 tokens; both floor a frame at
-# 1.05 x the minimum pixels.
-QWEN2VL_CAP_VIDEO_TOKENS = 128000
-QWEN2VL_CAP_BUDGET_SHARE = 0.9
-QWEN3VL_CAP_FRAME_TOKENS = 768
-CAP_MIN_PIXELS_FACTOR = 1.05
 
 # APT reference (arXiv 2510.18091, entropy_utils.py): grayscale by the luma
 # weights 0.2989 / 0.5870 / 0.1140 and a 512-bin histogram over [0, 256).
@@ -1291,36 +1279,6 @@ def check_write_paths(found: Discovery, out_root: Path, settings: Settings, opti
                             "rename that input or choose another -o")
 
 
-def load_processor_settings(path: Path) -> dict:
-    """Geometry and normalisation from a Qwen2-VL-family preprocessor_config.json
-    (or a model folder holding one), read through transformers. Raises ToolError."""
-    try:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-    except ImportError:
-        raise ToolError("--processor needs transformers: pip install transformers") from None
-    config = path / "preprocessor_config.json" if path.is_dir() else path
-    if not config.is_file():
-        raise ToolError(f"{config}: no such file (expected a preprocessor_config.json or a model folder)")
-    try:
-        values, _ = Qwen2VLImageProcessorPil.get_image_processor_dict(str(config))
-        processor = Qwen2VLImageProcessorPil(**values)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ToolError(f"{config}: not a Qwen2-VL image processor config ({exc})") from None
-    size = processor.size
-    resample = processor.resample
-    if not (isinstance(resample, int) and int(resample) in RESAMPLE_NAMES):  # PILImageResampling is an int
-        raise ToolError(f"{config}: unknown \"resample\": {resample!r} (PIL's codes: "
-                        + ", ".join(f"{k} {v}" for k, v in RESAMPLE_NAMES.items()) + ")")
-    return {
-        "resample": int(resample),
-        "patch_size": int(processor.patch_size), "merge_size": int(processor.merge_size),
-        "temporal_patch_size": int(processor.temporal_patch_size),
-        "min_pixels": int(size.shortest_edge), "max_pixels": int(size.longest_edge),
-        "image_mean": tuple(float(v) for v in processor.image_mean),
-        "image_std": tuple(float(v) for v in processor.image_std),
-    }
-
-
 # ---------------------------------------------------------------------------
 # 6. Pipeline
 # ---------------------------------------------------------------------------
@@ -1956,7 +1914,7 @@ def parse_args(argv: Sequence[str] | None,
     base = Settings(**MODEL_PRESETS[args.model], model=args.model, cap_pixels_per_frame=args.cap_pixels_per_frame)
     if args.processor is not None:
         try:
-            base = replace(base, **load_processor_settings(args.processor))
+            base = replace(base, **extension("processor").load_processor_settings(args.processor))
         except ToolError as exc:
             parser.error(f"--processor: {exc}")
     overrides = {k: getattr(args, k) for k in SETTINGS_FLAGS if getattr(args, k) is not None}

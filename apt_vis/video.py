@@ -16,14 +16,10 @@ from loguru import logger
 
 from visualize_patches import (
     BICUBIC,
-    CAP_MIN_PIXELS_FACTOR,
     CPU,
     Job,
     Outcome,
-    QWEN2VL_CAP_BUDGET_SHARE,
-    QWEN2VL_CAP_VIDEO_TOKENS,
     QWEN2VL_MAX_ASPECT_RATIO,
-    QWEN3VL_CAP_FRAME_TOKENS,
     RESAMPLE_NAMES,
     RenderOptions,
     SCORERS,
@@ -32,7 +28,6 @@ from visualize_patches import (
     Stopwatch,
     THUMBNAIL_WIDTH,
     ToolError,
-    VIDEO_PROCESSOR_OF,
     _fit,
     check_input_file,
     color_range,
@@ -51,9 +46,23 @@ from visualize_patches import (
     staged_output,
     stats_record,
 )
+
 from apt_vis.batch import Progress
 from apt_vis.pictures import _gradient_strip
 from apt_vis.thresholds import sweep_files
+
+# Which transformers video processor a model's videos follow: frame sampling and sizing differ.
+VIDEO_PROCESSOR_OF = {"qwen2-vl": "Qwen2VLVideoProcessor", "qwen2.5-vl": "Qwen2VLVideoProcessor",
+                      "qwen3-vl": "Qwen3VLVideoProcessor"}
+
+# --cap-pixels-per-frame, as transformers' video processors' cap_pixels_per_frame (qwen-vl-utils'
+# behaviour): Qwen2VLVideoProcessor shares 90 % of max_video_tokens = 128000 tokens' pixels among the
+# frames; Qwen3VLVideoProcessor caps each frame at max_video_tokens = 768 tokens; both floor a frame at
+# 1.05 x the minimum pixels.
+QWEN2VL_CAP_VIDEO_TOKENS = 128000
+QWEN2VL_CAP_BUDGET_SHARE = 0.9
+QWEN3VL_CAP_FRAME_TOKENS = 768
+CAP_MIN_PIXELS_FACTOR = 1.05
 
 
 def sample_frame_indices(

@@ -8,6 +8,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import visualize_patches as vp
+from apt_vis.processor import load_processor_settings
 from conftest import PEARL, run_cli
 from test_preprocess import unpatchify
 
@@ -33,7 +34,7 @@ def write_config(folder, config):
 @pytest.mark.parametrize("config,as_folder", [(QWEN2_VL, False), (SIXTEEN_PX, True)])
 def test_settings_from_processor_and_pixels_match(tmp_path, config, as_folder):
     path = write_config(tmp_path / "model", config)
-    settings = vp.Settings(**vp.load_processor_settings(path.parent if as_folder else path))
+    settings = vp.Settings(**load_processor_settings(path.parent if as_folder else path))
     assert settings.patch_size == config["patch_size"]
     assert settings.image_mean == tuple(config["image_mean"])
     processor = Qwen2VLImageProcessorPil(**{k: v for k, v in config.items() if k != "image_processor_type"})
@@ -91,7 +92,7 @@ def test_resample_in_config_is_honoured(tmp_path, resample):
     """A config's "resample" (PIL's codes) resizes images as Qwen2VLImageProcessorPil does with it."""
     small = {**QWEN2_VL, "max_pixels": 200704}  # a smaller resized photo keeps the test quick
     path = write_config(tmp_path / "model", {**small, "resample": resample})
-    settings = vp.Settings(**vp.load_processor_settings(path))
+    settings = vp.Settings(**load_processor_settings(path))
     config = {k: v for k, v in small.items() if k != "image_processor_type"}
     out = Qwen2VLImageProcessorPil(**config, resample=resample)(images=vp.load_image(PEARL), return_tensors="np")
     ref = unpatchify(out["pixel_values"], out["image_grid_thw"][0], 14, 2, 2)

@@ -106,7 +106,7 @@ def test_qwen25_vl_videos_are_qwen2_vl_videos():
     """Qwen2.5-VL uses Qwen2VLVideoProcessor with its class defaults: the same video numbers."""
     qwen2, qwen25 = vp.MODEL_PRESETS["qwen2-vl"], vp.MODEL_PRESETS["qwen2.5-vl"]
     assert [qwen2[k] for k in VIDEO_FIELDS] == [qwen25[k] for k in VIDEO_FIELDS]
-    assert vp.VIDEO_PROCESSOR_OF["qwen2.5-vl"] == vp.VIDEO_PROCESSOR_OF["qwen2-vl"] == "Qwen2VLVideoProcessor"
+    assert apt_video.VIDEO_PROCESSOR_OF["qwen2.5-vl"] == apt_video.VIDEO_PROCESSOR_OF["qwen2-vl"] == "Qwen2VLVideoProcessor"
 
 
 @pytest.mark.parametrize("model,name", [("qwen2-vl", "qwen2_default"), ("qwen3-vl", "qwen3_published"),
