@@ -244,3 +244,20 @@ def test_report_opens_in_a_browser(dataset, tmp_path, browser):
     assert all(not link.startswith(("http", "/")) for link in links)  # relative, offline
     assert all((out / link).exists() for link in links)
     assert browser.console_errors() == []
+
+
+def test_batch_summaries_drawn_without_matplotlib(tmp_path):
+    """summary.png is drawn with PIL: importing matplotlib cost a batch about a second (issue 10).
+    The plot itself: a labelled picture of the PLOT_SIZE, not blank."""
+    photos = tmp_path / "in"
+    for k in range(3):
+        small_photo(photos / f"p{k}.jpg", (200 + 40 * k, 240), k)
+    code = ("import sys, visualize_patches as vp; "
+            f"code = vp.main([{str(photos)!r}, '-o', {str(tmp_path / 'out')!r}, '-q', '--workers', '1']); "
+            "print(code, 'matplotlib' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=TOOL.parent, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr + proc.stdout
+    with Image.open(tmp_path / "out" / "summary.png") as im:
+        assert im.size == (1200, 500) and im.mode == "RGB"
+        pixels = np.asarray(im)
+    assert (pixels != 255).any(axis=-1).mean() > 0.02  # axes, bars, dots and text drawn
