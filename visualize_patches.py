@@ -1308,26 +1308,38 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + tag + data + zlib.crc32(data, zlib.crc32(tag)).to_bytes(4, "big")
 
 
+PNG_ROWS_PER_CHUNK = 64  # rows filtered and deflated at a time: small buffers, warm caches
+
+
 def encode_png(image: Image.Image, compress_level: int = 3) -> bytes:
-    """Lossless PNG. 8-bit L, RGB and RGBA images: every row 'Up'-filtered (numpy) and deflated
-    (zlib), both with the GIL released, so that threads encode pictures in parallel; about as
-    small as PIL's per-row filter choice, in about half the time. Other modes: PIL."""
-    color_type = PNG_COLOR_TYPES.get(image.mode)
-    if color_type is None:
+    """Lossless PNG of a PIL image: encode_png_pixels for 8-bit L, RGB and RGBA; PIL otherwise."""
+    if image.mode not in PNG_COLOR_TYPES:
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=compress_level)
         return buf.getvalue()
-    pixels = np.asarray(image)
+    return encode_png_pixels(np.asarray(image), compress_level)
+
+
+def encode_png_pixels(pixels: np.ndarray, compress_level: int = 3) -> bytes:
+    """(H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> lossless PNG bytes. Every row is
+    'Up'-filtered (numpy) and deflated (zlib), both with the GIL released, so that threads
+    encode pictures in parallel; about as small as PIL's per-row filter choice, in about half
+    the time."""
     height, width = pixels.shape[:2]
+    color_type = PNG_COLOR_TYPES["L" if pixels.ndim == 2 else {3: "RGB", 4: "RGBA"}[pixels.shape[2]]]
     flat = pixels.reshape(height, -1)
-    rows = np.empty((height, flat.shape[1] + 1), dtype=np.uint8)  # each row: its filter byte, then the bytes
-    rows[:, 0] = PNG_FILTER_UP
-    rows[0, 1:] = flat[0]  # the row above the first is zeros
-    np.subtract(flat[1:], flat[:-1], out=rows[1:, 1:])  # modulo 256
     deflate = zlib.compressobj(compress_level)
-    data = deflate.compress(rows) + deflate.flush()
+    parts = []
+    for y in range(0, height, PNG_ROWS_PER_CHUNK):
+        n = min(PNG_ROWS_PER_CHUNK, height - y)
+        rows = np.empty((n, flat.shape[1] + 1), dtype=np.uint8)  # each row: its filter byte, then the bytes
+        rows[:, 0] = PNG_FILTER_UP
+        rows[0, 1:] = flat[y] if y == 0 else flat[y] - flat[y - 1]  # modulo 256; above the first row: zeros
+        np.subtract(flat[y + 1:y + n], flat[y:y + n - 1], out=rows[1:, 1:])
+        parts.append(deflate.compress(rows))
+    parts.append(deflate.flush())
     header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes((8, color_type, 0, 0, 0))
-    return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", data) + _png_chunk(b"IEND", b"")
+    return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b"")
 
 
 def encode_jpeg(image: Image.Image) -> bytes:
@@ -1903,6 +1915,9 @@ def patch_overlay(result: ImageResult, options: RenderOptions) -> tuple[np.ndarr
 
 
 PICTURE_THREADS = 4  # at most: threads rendering and encoding one image's pictures in a single run
+# Fewer cores: one thread. On 2 cores the threads gained no time that we could measure (a shared
+# machine) and cost 28 MB of peak memory, a third more (Vermeer, every output).
+PICTURE_THREADS_MIN_CORES = 4
 
 
 class PictureTasks:
@@ -1914,7 +1929,8 @@ class PictureTasks:
     def __init__(self) -> None:
         self.files: dict[str, object] = {}
         self.pool = None
-        threads = min(PICTURE_THREADS, default_workers())
+        cores = default_workers()
+        threads = min(PICTURE_THREADS, cores) if cores >= PICTURE_THREADS_MIN_CORES else 1
         if threads > 1 and not _in_worker_process():
             from concurrent.futures import ThreadPoolExecutor
 

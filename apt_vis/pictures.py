@@ -20,6 +20,7 @@ from visualize_patches import (
     color_range,
     colorize,
     encode_png,
+    encode_png_pixels,
     font,
     format_tick,
     nice_ticks,
@@ -30,9 +31,12 @@ from visualize_patches import (
 from apt_vis.pages import explorer_html
 
 
+STRIP_HEIGHT = 28  # px of the colour key under an importance overlay
+
+
 def _gradient_strip(width: int, vmin: float, vmax: float, caption: str) -> Image.Image:
     """A 28 px strip: caption, min, an inferno ramp, max."""
-    strip = Image.new("RGB", (width, 28), (24, 24, 24))
+    strip = Image.new("RGB", (width, STRIP_HEIGHT), (24, 24, 24))
     draw = ImageDraw.Draw(strip)
     lo, hi = format_tick(vmin), format_tick(vmax)
     x = 8
@@ -47,31 +51,44 @@ def _gradient_strip(width: int, vmin: float, vmax: float, caption: str) -> Image
     return strip
 
 
-def blend_importance(rgb: np.ndarray, values: np.ndarray, patch_size: int, vmin: float, vmax: float) -> np.ndarray:
-    """(H, W, 3) uint8 image with each cell's colour over it at OVERLAY_ALPHA -> (H, W, 3) uint8.
+def blend_importance(rgb: np.ndarray, values: np.ndarray, patch_size: int, vmin: float, vmax: float,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 image with each cell's colour over it at OVERLAY_ALPHA -> (H, W, 3) uint8
+    (written into `out` when given).
 
     Integer arithmetic: (w_image * pixel + w_cell * colour) / OVERLAY_WEIGHT, rounded half up.
     """
     h, w = rgb.shape[:2]
     rows, cols = values.shape
-    colors = colorize(values, vmin, vmax).astype(np.uint16) * OVERLAY_CELL_WEIGHT
-    out = rgb.astype(np.uint16) * (OVERLAY_WEIGHT - OVERLAY_CELL_WEIGHT) + OVERLAY_WEIGHT // 2
-    # add each cell's weighted colour to its block of pixels through a (rows, p, cols, p, 3) view
-    full = np.zeros((rows * patch_size, cols * patch_size, 3), dtype=np.uint16)
-    full.reshape(rows, patch_size, cols, patch_size, 3)[...] = colors[:, None, :, None, :]
-    out += full[:h, :w]
-    out //= OVERLAY_WEIGHT
-    return out.astype(np.uint8)
+    colors = colorize(values, vmin, vmax).astype(np.uint16) * OVERLAY_CELL_WEIGHT + OVERLAY_WEIGHT // 2
+    acc = rgb.astype(np.uint16)
+    acc *= OVERLAY_WEIGHT - OVERLAY_CELL_WEIGHT
+    # each row of cells' weighted colours, one per pixel column: (rows, W, 3)
+    strips = np.repeat(colors, patch_size, axis=1)[:, :w]
+    # add them to their bands of pixel rows in place, through a (rows, p, W, 3) view (the last band may be short)
+    full = min(rows, h // patch_size)
+    acc[:full * patch_size].reshape(full, patch_size, w, 3)[...] += strips[:full, None]
+    if full < rows:
+        acc[full * patch_size:] += strips[full]
+    if out is None:
+        out = np.empty((h, w, 3), dtype=np.uint8)
+    return np.floor_divide(acc, OVERLAY_WEIGHT, out=out, casting="unsafe")
+
+
+def importance_overlay_pixels(rgb: np.ndarray, values: np.ndarray, patch_size: int, label: str) -> np.ndarray:
+    """The importance map of one scale blended over the resized image, with a colour key below:
+    (H + STRIP_HEIGHT, W, 3) uint8."""
+    vmin, vmax = color_range(values)
+    h, w = rgb.shape[:2]
+    pixels = np.empty((h + STRIP_HEIGHT, w, 3), dtype=np.uint8)
+    blend_importance(rgb, values, patch_size, vmin, vmax, out=pixels[:h])
+    pixels[h:] = np.asarray(_gradient_strip(w, vmin, vmax, f"{patch_size} px {label}"))
+    return pixels
 
 
 def render_importance_overlay(rgb: np.ndarray, values: np.ndarray, patch_size: int, label: str) -> Image.Image:
     """The importance map of one scale blended over the resized image, with a colour key below."""
-    vmin, vmax = color_range(values)
-    blended = Image.fromarray(blend_importance(rgb, values, patch_size, vmin, vmax))
-    out = Image.new("RGB", (blended.width, blended.height + 28))
-    out.paste(blended, (0, 0))
-    out.paste(_gradient_strip(blended.width, vmin, vmax, f"{patch_size} px {label}"), (0, blended.height))
-    return out
+    return Image.fromarray(importance_overlay_pixels(rgb, values, patch_size, label))
 
 
 def render_summary_panel(
@@ -263,7 +280,7 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> 
 
 
 def _importance_overlay_png(rgb: np.ndarray, values: np.ndarray, patch_size: int, label: str) -> bytes:
-    return encode_png(render_importance_overlay(rgb, values, patch_size, label), compress_level=1)
+    return encode_png_pixels(importance_overlay_pixels(rgb, values, patch_size, label), compress_level=1)
 
 
 def add_importance_overlays(tasks, result) -> None:
