@@ -261,3 +261,18 @@ def test_batch_summaries_drawn_without_matplotlib(tmp_path):
         assert im.size == (1200, 500) and im.mode == "RGB"
         pixels = np.asarray(im)
     assert (pixels != 255).any(axis=-1).mean() > 0.02  # axes, bars, dots and text drawn
+
+
+def test_workers_are_forked_only_when_that_is_safe(monkeypatch):
+    """Forked from the main process (no second import of the tool), but never with another thread
+    running or torch loaded: then from the fork server, as before."""
+    from apt_vis import batch
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(batch.threading, "active_count", lambda: 1)
+    assert batch._fork_is_safe() == (sys.platform == "linux")
+    monkeypatch.setattr(batch.threading, "active_count", lambda: 2)
+    assert not batch._fork_is_safe()
+    monkeypatch.setattr(batch.threading, "active_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "torch", object())
+    assert not batch._fork_is_safe()
