@@ -1348,9 +1348,9 @@ def encode_jpeg(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def encode_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
+def encode_npz(arrays: Mapping[str, np.ndarray], compressed: bool = True) -> bytes:
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
     return buf.getvalue()
 
 
@@ -1890,7 +1890,9 @@ def output_names(kind: str, settings: Settings, options: RenderOptions) -> list[
 def maps_npz(maps: Mapping[int, np.ndarray], masks: Mapping[int, np.ndarray]) -> bytes:
     arrays = {f"scale_{ps}": m.astype(np.float32) for ps, m in maps.items()}
     arrays.update({f"mask_{ps}": m for ps, m in masks.items()})
-    return encode_npz(arrays)
+    # stored: one image's maps are small (29 KB against 20 KB deflated for a 1 MP image) and a
+    # batch saves 0.7 ms per image
+    return encode_npz(arrays, compressed=False)
 
 
 def scale_heatmap(result: ImageResult, patch_size: int) -> Image.Image:

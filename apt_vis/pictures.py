@@ -262,13 +262,16 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> 
     right = _Axes(canvas, (690, 64, 1185, 446), (0.0, top), (0.0, top))
     entries = []
     if ratios.size:
-        dots = Image.new("L", canvas.size, 0)
-        dots_draw = ImageDraw.Draw(dots)
         radius = 2.8 * s
+        x0, y0, x1, y1 = (round(v * s) for v in right.box)
+        pad = round(radius) + 1  # dots on the frame's edge spill over it, as matplotlib's do
+        dots = Image.new("L", (x1 - x0 + 2 * pad, y1 - y0 + 2 * pad), 0)  # their coverage
+        dots_draw = ImageDraw.Draw(dots)
         for u, a in zip(uniform, apt):
             x, y = right.xy(u, a)
+            x, y = x - x0 + pad, y - y0 + pad
             dots_draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=round(255 * SCATTER_ALPHA))
-        canvas.paste(SCATTER_RGB, (0, 0), dots)
+        canvas.paste(SCATTER_RGB, (x0 - pad, y0 - pad, x1 + pad, y1 + pad), dots)
         right.line((0, 0), (top, top), DIAGONAL_RGB, width=1, dash=4.0)
         right.line((0, 0), (top, top * ratios.mean()), (0, 0, 0), width=1)
         entries = [("no saving (APT = uniform)", DIAGONAL_RGB, 4.0), (f"mean ratio {ratios.mean():.3f}", (0, 0, 0), None)]
