@@ -1916,46 +1916,62 @@ def patch_overlay(result: ImageResult, options: RenderOptions) -> tuple[np.ndarr
     return overlay, overlay_image
 
 
-PICTURE_THREADS = 4  # at most: threads rendering and encoding one image's pictures in a single run
-# Fewer cores: one thread. On 2 cores the threads gained no time that we could measure (a shared
-# machine) and cost 28 MB of peak memory, a third more (Vermeer, every output).
-PICTURE_THREADS_MIN_CORES = 4
+PNG_QUEUE = 2  # pictures rendered and waiting for the PNG encoder thread, at most (memory)
+
+
+@dataclass
+class PngPicture:
+    """A picture to be written as PNG: (H, W[, C]) uint8 pixels and the zlib level."""
+
+    pixels: np.ndarray
+    compress_level: int
 
 
 class PictureTasks:
-    """One image's output files, each made by a task (render, encode): on a few threads in the
-    main process (zlib, numpy and most of PIL release the GIL), one after another in a batch
-    worker (the workers already fill the cores). Tasks are started in the order added: add the
-    longest first. As a context manager: on an error, the tasks not started are cancelled."""
+    """One image's output files, each made by a task (render, encode), run in this thread in
+    the order added. A task may return a PngPicture: in the tool's main process, on 2 or more
+    cores, one helper thread encodes it (filter and deflate: numpy and zlib, the GIL released)
+    while this thread renders the next picture. Only encoding goes there: a helper thread that
+    allocated the big pictures too kept 16 MB more resident (its own malloc arena), and a second
+    encoder thread cost 5 MB more for no time we could measure on 2 cores (Vermeer, every
+    output). A batch worker encodes itself: the workers already fill the cores. As a context
+    manager: on an error, the encodings not started are cancelled."""
 
-    def __init__(self) -> None:
+    def __init__(self, encoder: bool = True) -> None:
         self.files: dict[str, object] = {}
-        self.pool = None
-        cores = default_workers()
-        threads = min(PICTURE_THREADS, cores) if cores >= PICTURE_THREADS_MIN_CORES else 1
-        if threads > 1 and not _in_worker_process():
+        self.encoder = None
+        if encoder and default_workers() > 1 and not _in_worker_process():
             from concurrent.futures import ThreadPoolExecutor
 
-            self.pool = ThreadPoolExecutor(threads, thread_name_prefix="pictures")
+            self.encoder = ThreadPoolExecutor(1, thread_name_prefix="png")
+            self.slots = threading.BoundedSemaphore(PNG_QUEUE)
 
     def __enter__(self) -> "PictureTasks":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if self.encoder is not None:
+            self.encoder.shutdown(wait=True, cancel_futures=exc_type is not None)
 
-    def add(self, name: str, make: Callable[..., bytes] | bytes, *args) -> None:
-        """The file `name`: the bytes given, or make(*args)."""
-        if not callable(make):
-            self.files[name] = make
-        elif self.pool is not None:
-            self.files[name] = self.pool.submit(make, *args)
-        else:
-            self.files[name] = make(*args)
+    def add(self, name: str, make: Callable[..., bytes | PngPicture] | bytes, *args) -> None:
+        """The file `name`: the bytes given, or make(*args)'s (a PngPicture: encoded)."""
+        data = make(*args) if callable(make) else make
+        if isinstance(data, PngPicture):
+            if self.encoder is None:
+                data = encode_png_pixels(data.pixels, data.compress_level)
+            else:
+                self.slots.acquire()
+                data = self.encoder.submit(self._encode, data)
+        self.files[name] = data
+
+    def _encode(self, picture: PngPicture) -> bytes:
+        try:
+            return encode_png_pixels(picture.pixels, picture.compress_level)
+        finally:
+            self.slots.release()
 
     def result(self) -> dict[str, bytes]:
-        """Every file's bytes, keyed by name, in the order added (waits for the tasks)."""
+        """Every file's bytes, keyed by name, in the order added (waits for the encoder)."""
         return {name: data if isinstance(data, bytes) else data.result() for name, data in self.files.items()}
 
 
@@ -1964,9 +1980,9 @@ def _in_worker_process() -> bool:
     return "multiprocessing" in sys.modules and sys.modules["multiprocessing"].parent_process() is not None
 
 
-def _heatmap_png(result: ImageResult, patch_size: int) -> bytes:
+def _heatmap_png(result: ImageResult, patch_size: int) -> PngPicture:
     # flat colours and text: level 1 is as small as level 3 (+2%) in half the time
-    return encode_png(scale_heatmap(result, patch_size), compress_level=1)
+    return PngPicture(np.asarray(scale_heatmap(result, patch_size)), compress_level=1)
 
 
 def _thumbnail_jpeg(result: ImageResult, options: RenderOptions) -> bytes:
@@ -1976,17 +1992,12 @@ def _thumbnail_jpeg(result: ImageResult, options: RenderOptions) -> bytes:
 
 
 def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> dict[str, bytes]:
-    """All per-image outputs, encoded, keyed by file name."""
+    """All per-image outputs, encoded, keyed by file name. The order of the pictures keeps the
+    PNG encoder thread busy (PictureTasks): the long PNGs early, between other work."""
     p, settings = result.prepared, result.settings
-    with PictureTasks() as tasks:
-        extra = has_extensions() and not options.stats_only
-        if extra:  # the importance overlays first: the longest tasks
-            extension("pictures").add_importance_overlays(tasks, result)
-        if not options.stats_only:
-            for ps in settings.patch_sizes:
-                tasks.add(heatmap_name(ps), _heatmap_png, result, ps)
+    counts = patch_counts(result.masks)
+    with PictureTasks(encoder=not options.stats_only) as tasks:
         tasks.add("importance_maps.npz", maps_npz, result.maps, result.masks)
-        counts = patch_counts(result.masks)
         if options.sweep:
             sweep = extension("thresholds").sweep_files(
                 [result.maps], settings, sum(counts.values()),
@@ -1995,15 +2006,25 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
                 tasks.add(name, data)
         if options.stats_only:
             return tasks.result()
+        pictures = extension("pictures") if has_extensions() else None
+        sizes = list(settings.patch_sizes)
+        if pictures is not None:
+            for ps in sizes[:2]:
+                tasks.add(overlay_name(ps), pictures.importance_overlay_picture, result, ps)
         tasks.add("patches_thumbnail.jpg", _thumbnail_jpeg, result, options)
         overlay, overlay_image = patch_overlay(result, options)
         tasks.add("patches_visualization.jpg", encode_jpeg, overlay_image)
+        if pictures is not None:
+            tasks.add("summary_panel.png", pictures.summary_panel_picture, result, stats, overlay, overlay_image)
+            for ps in sizes[2:]:
+                tasks.add(overlay_name(ps), pictures.importance_overlay_picture, result, ps)
+        for ps in sizes:
+            tasks.add(heatmap_name(ps), _heatmap_png, result, ps)
         tasks.add("original_image.jpg", p.original_jpeg or b"")
         resized_jpeg = encode_jpeg(Image.fromarray(p.resized))
         tasks.add("resized_image.jpg", resized_jpeg)
-        if extra:
-            extension("pictures").add_extra_image_files(tasks, result, stats, options, overlay, overlay_image,
-                                                        resized_jpeg)
+        if pictures is not None:
+            tasks.add("explorer.html", pictures.explorer_page, result, stats, options, resized_jpeg)
         return tasks.result()
 
 

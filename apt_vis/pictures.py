@@ -14,13 +14,13 @@ from visualize_patches import (
     INFERNO,
     OVERLAY_CELL_WEIGHT,
     OVERLAY_WEIGHT,
+    PngPicture,
     SCORERS,
     _fit,
     _text_size,
     color_range,
     colorize,
     encode_png,
-    encode_png_pixels,
     font,
     format_tick,
     nice_ticks,
@@ -282,18 +282,16 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> 
     return encode_png(canvas.resize(PLOT_SIZE, Image.Resampling.BOX), compress_level=6)
 
 
-def _importance_overlay_png(rgb: np.ndarray, values: np.ndarray, patch_size: int, label: str) -> bytes:
-    return encode_png_pixels(importance_overlay_pixels(rgb, values, patch_size, label), compress_level=1)
-
-
-def add_importance_overlays(tasks, result) -> None:
-    """The importance overlays' PNGs, as tasks (the core's PictureTasks; result: its ImageResult)."""
+def importance_overlay_picture(result, patch_size: int) -> PngPicture:
+    """importance_overlay_scale_<patch_size>.png of one image (result: the core's ImageResult)."""
     label = SCORERS[result.settings.method][1]
-    for ps in result.settings.patch_sizes:
-        tasks.add(overlay_name(ps), _importance_overlay_png, result.prepared.resized, result.maps[ps], ps, label)
+    pixels = importance_overlay_pixels(result.prepared.resized, result.maps[patch_size], patch_size, label)
+    return PngPicture(pixels, compress_level=1)
 
 
-def _summary_panel_png(result, stats: Mapping, overlay: np.ndarray, overlay_image: Image.Image) -> bytes:
+def summary_panel_picture(result, stats: Mapping, overlay: np.ndarray, overlay_image: Image.Image) -> PngPicture:
+    """summary_panel.png of one image (result: the core's ImageResult; overlay: the chosen
+    patches' borders on the resized image, as an array and a picture)."""
     p, settings = result.prepared, result.settings
     counts = patch_counts(result.masks)
     lines = [
@@ -308,20 +306,13 @@ def _summary_panel_png(result, stats: Mapping, overlay: np.ndarray, overlay_imag
         lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
     panel = render_summary_panel(f"APT: {one_line(Path(p.job.label).name)}", p.original_preview or overlay_image,
                                  p.original_size, overlay, result.maps, lines, SCORERS[settings.method][1])
-    return encode_png(panel, compress_level=1)
+    return PngPicture(np.asarray(panel), compress_level=1)
 
 
-def _explorer_page(result, stats: Mapping, options, resized_jpeg: bytes) -> bytes:
+def explorer_page(result, stats: Mapping, options, resized_jpeg: bytes) -> bytes:
+    """explorer.html of one image (result: the core's ImageResult)."""
     settings = result.settings
     return explorer_html(
         result.prepared.job.label, resized_jpeg, result.maps, settings.thresholds, patch_counts(result.masks),
         stats["uniform_patches"], stats["qwen2vl_tokens"], SCORERS[settings.method][1], options,
     ).encode()
-
-
-def add_extra_image_files(tasks, result, stats: Mapping, options, overlay: np.ndarray, overlay_image: Image.Image,
-                          resized_jpeg: bytes) -> None:
-    """summary_panel.png and explorer.html, as tasks (the core's PictureTasks; result: its
-    ImageResult; overlay: the chosen patches' borders on the resized image, as an array and a picture)."""
-    tasks.add("summary_panel.png", _summary_panel_png, result, stats, overlay, overlay_image)
-    tasks.add("explorer.html", _explorer_page, result, stats, options, resized_jpeg)
