@@ -307,9 +307,9 @@ MAIN_WATCH_SECONDS = 0.5  # where there is no pidfd: how often a worker checks t
 
 def _die_with(main_pid: int) -> None:
     """End this worker when the main process dies, however it dies (SIGKILL included): a thread
-    waits on a pidfd of the main process (Linux; elsewhere it polls). The fork server, this
-    worker's direct parent, waits for its workers, so it cannot be the one to notice; the
-    kernel's parent-death signal covers the fork server dying first."""
+    waits on a pidfd of the main process (Linux; elsewhere it polls). Where the fork server is
+    this worker's direct parent, it waits for its workers, so it cannot be the one to notice; the
+    kernel's parent-death signal covers the fork server (or, forked, the main process) dying first."""
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
