@@ -307,9 +307,9 @@ MAIN_WATCH_SECONDS = 0.5  # where there is no pidfd: how often a worker checks t
 
 def _die_with(main_pid: int) -> None:
     """End this worker when the main process dies, however it dies (SIGKILL included): a thread
-    waits on a pidfd of the main process (Linux; elsewhere it polls). The fork server, this
-    worker's direct parent, waits for its workers, so it cannot be the one to notice; the
-    kernel's parent-death signal covers the fork server dying first."""
+    waits on a pidfd of the main process (Linux; elsewhere it polls). Where the fork server is
+    this worker's direct parent, it waits for its workers, so it cannot be the one to notice; the
+    kernel's parent-death signal covers the fork server (or, forked, the main process) dying first."""
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
@@ -352,6 +352,15 @@ def _worker_init(log_level: str | None, main_pid: int) -> None:
         sys.modules["torch"].set_num_threads(1)  # the workers are the parallelism
 
 
+def _fork_is_safe() -> bool:
+    """Whether workers may be forked from this process: on Linux, with no other thread running
+    (a fork carries only the calling thread, and a lock another thread held stays locked in the
+    child) and torch not loaded (CUDA cannot be used in a forked child). Otherwise they come
+    from multiprocessing's fork server, a fresh interpreter that imports the tool once more
+    before the first worker starts (about 0.35 s on 2 cores, issue 10)."""
+    return sys.platform == "linux" and threading.active_count() == 1 and "torch" not in sys.modules
+
+
 class Executor:
     """Runs tasks in forked worker processes, or inline when workers == 1.
 
@@ -364,12 +373,16 @@ class Executor:
         self.pool = None
         self.inflight: dict[Future, Job | None] = {}
         if workers > 1:
-            # Workers are forked from multiprocessing's fork server, never from this process,
-            # which may have started threads (torch, CUDA, tqdm) that a fork does not carry over.
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload([__name__])
+            fork = _fork_is_safe()
+            if fork:
+                context = multiprocessing.get_context("fork")
+            else:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload([__name__])
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                             initargs=(LOG_LEVEL[0], os.getpid()))
+            if fork:  # start every worker now, while this is still the only thread (tqdm's come later)
+                self.pool.submit(os.getpid)
 
     def submit(self, fn: Callable, *args, job: Job | None = None) -> Future:
         """fn(*args); `job` marks a task whose success means that job's outputs are complete."""

@@ -14,6 +14,7 @@ from visualize_patches import (
     INFERNO,
     OVERLAY_CELL_WEIGHT,
     OVERLAY_WEIGHT,
+    PngPicture,
     SCORERS,
     _fit,
     _text_size,
@@ -22,16 +23,19 @@ from visualize_patches import (
     encode_png,
     font,
     format_tick,
+    nice_ticks,
     one_line,
-    overlay_name,
     patch_counts,
 )
 from apt_vis.pages import explorer_html
 
 
+STRIP_HEIGHT = 28  # px of the colour key under an importance overlay
+
+
 def _gradient_strip(width: int, vmin: float, vmax: float, caption: str) -> Image.Image:
     """A 28 px strip: caption, min, an inferno ramp, max."""
-    strip = Image.new("RGB", (width, 28), (24, 24, 24))
+    strip = Image.new("RGB", (width, STRIP_HEIGHT), (24, 24, 24))
     draw = ImageDraw.Draw(strip)
     lo, hi = format_tick(vmin), format_tick(vmax)
     x = 8
@@ -46,31 +50,44 @@ def _gradient_strip(width: int, vmin: float, vmax: float, caption: str) -> Image
     return strip
 
 
-def blend_importance(rgb: np.ndarray, values: np.ndarray, patch_size: int, vmin: float, vmax: float) -> np.ndarray:
-    """(H, W, 3) uint8 image with each cell's colour over it at OVERLAY_ALPHA -> (H, W, 3) uint8.
+def blend_importance(rgb: np.ndarray, values: np.ndarray, patch_size: int, vmin: float, vmax: float,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """(H, W, 3) uint8 image with each cell's colour over it at OVERLAY_ALPHA -> (H, W, 3) uint8
+    (written into `out` when given).
 
     Integer arithmetic: (w_image * pixel + w_cell * colour) / OVERLAY_WEIGHT, rounded half up.
     """
     h, w = rgb.shape[:2]
     rows, cols = values.shape
-    colors = colorize(values, vmin, vmax).astype(np.uint16) * OVERLAY_CELL_WEIGHT
-    out = rgb.astype(np.uint16) * (OVERLAY_WEIGHT - OVERLAY_CELL_WEIGHT) + OVERLAY_WEIGHT // 2
-    # add each cell's weighted colour to its block of pixels through a (rows, p, cols, p, 3) view
-    full = np.zeros((rows * patch_size, cols * patch_size, 3), dtype=np.uint16)
-    full.reshape(rows, patch_size, cols, patch_size, 3)[...] = colors[:, None, :, None, :]
-    out += full[:h, :w]
-    out //= OVERLAY_WEIGHT
-    return out.astype(np.uint8)
+    colors = colorize(values, vmin, vmax).astype(np.uint16) * OVERLAY_CELL_WEIGHT + OVERLAY_WEIGHT // 2
+    acc = rgb.astype(np.uint16)
+    acc *= OVERLAY_WEIGHT - OVERLAY_CELL_WEIGHT
+    # each row of cells' weighted colours, one per pixel column: (rows, W, 3)
+    strips = np.repeat(colors, patch_size, axis=1)[:, :w]
+    # add them to their bands of pixel rows in place, through a (rows, p, W, 3) view (the last band may be short)
+    full = min(rows, h // patch_size)
+    acc[:full * patch_size].reshape(full, patch_size, w, 3)[...] += strips[:full, None]
+    if full < rows:
+        acc[full * patch_size:] += strips[full]
+    if out is None:
+        out = np.empty((h, w, 3), dtype=np.uint8)
+    return np.floor_divide(acc, OVERLAY_WEIGHT, out=out, casting="unsafe")
+
+
+def importance_overlay_pixels(rgb: np.ndarray, values: np.ndarray, patch_size: int, label: str) -> np.ndarray:
+    """The importance map of one scale blended over the resized image, with a colour key below:
+    (H + STRIP_HEIGHT, W, 3) uint8."""
+    vmin, vmax = color_range(values)
+    h, w = rgb.shape[:2]
+    pixels = np.empty((h + STRIP_HEIGHT, w, 3), dtype=np.uint8)
+    blend_importance(rgb, values, patch_size, vmin, vmax, out=pixels[:h])
+    pixels[h:] = np.asarray(_gradient_strip(w, vmin, vmax, f"{patch_size} px {label}"))
+    return pixels
 
 
 def render_importance_overlay(rgb: np.ndarray, values: np.ndarray, patch_size: int, label: str) -> Image.Image:
     """The importance map of one scale blended over the resized image, with a colour key below."""
-    vmin, vmax = color_range(values)
-    blended = Image.fromarray(blend_importance(rgb, values, patch_size, vmin, vmax))
-    out = Image.new("RGB", (blended.width, blended.height + 28))
-    out.paste(blended, (0, 0))
-    out.paste(_gradient_strip(blended.width, vmin, vmax, f"{patch_size} px {label}"), (0, blended.height))
-    return out
+    return Image.fromarray(importance_overlay_pixels(rgb, values, patch_size, label))
 
 
 def render_summary_panel(
@@ -128,53 +145,154 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> bytes:
-    """Retained-ratio histogram and APT vs uniform patches per image (PNG bytes)."""
-    from matplotlib.figure import Figure
+PLOT_SIZE = (1200, 500)  # the batch summary plot, px
+PLOT_SUPERSAMPLE = 2  # drawn this many times larger, then shrunk: smooth lines, dots and text
+HIST_RGB, SCATTER_RGB, DIAGONAL_RGB = (76, 114, 176), (221, 132, 82), (128, 128, 128)
+SCATTER_ALPHA = 0.7
 
+
+class _Axes:
+    """One plot frame of the summary plot on a supersampled canvas: data -> pixel mapping, ticks,
+    labels, title, legend (coordinates given in final pixels)."""
+
+    def __init__(self, canvas: Image.Image, box: tuple[int, int, int, int], xlim: tuple[float, float],
+                 ylim: tuple[float, float]):
+        self.canvas, self.draw, self.s = canvas, ImageDraw.Draw(canvas), PLOT_SUPERSAMPLE
+        self.box, self.xlim, self.ylim = box, xlim, ylim
+
+    def xy(self, x: float, y: float) -> tuple[float, float]:
+        """Data (x, y) -> supersampled canvas pixels."""
+        x0, y0, x1, y1 = self.box
+        (a, b), (c, d) = self.xlim, self.ylim
+        return (x0 + (x - a) / (b - a) * (x1 - x0)) * self.s, (y1 - (y - c) / (d - c) * (y1 - y0)) * self.s
+
+    def text(self, xy: tuple[float, float], text: str, size: int, anchor: str, fill=(0, 0, 0)) -> None:
+        self.draw.text((xy[0] * self.s, xy[1] * self.s), text, font=font(size * self.s), fill=fill, anchor=anchor)
+
+    def frame(self, title: str, xlabel: str, ylabel: str, xticks: Sequence[float], yticks: Sequence[float]) -> None:
+        x0, y0, x1, y1 = self.box
+        s = self.s
+        self.draw.rectangle([x0 * s, y0 * s, x1 * s, y1 * s], outline=(0, 0, 0), width=s)
+        for t in xticks:
+            x = self.xy(t, self.ylim[0])[0]
+            self.draw.line([(x, y1 * s), (x, (y1 + 5) * s)], fill=(0, 0, 0), width=s)
+            self.text((x / s, y1 + 8), format_tick(t), 12, "mt")
+        for t in yticks:
+            y = self.xy(self.xlim[0], t)[1]
+            self.draw.line([((x0 - 5) * s, y), (x0 * s, y)], fill=(0, 0, 0), width=s)
+            self.text((x0 - 8, y / s), format_tick(t), 12, "rm")
+        self.text(((x0 + x1) / 2, y1 + 28), xlabel, 13, "mt")
+        self.text(((x0 + x1) / 2, y0 - 8), title, 15, "mb")
+        w, h = _text_size(ylabel, 13 * s)
+        tile = Image.new("L", (w + 4 * s, h + 8 * s), 0)
+        ImageDraw.Draw(tile).text((2 * s, 2 * s), ylabel, font=font(13 * s), fill=255)
+        tile = tile.rotate(90, expand=True)
+        ticks_w = max((_text_size(format_tick(t), 12)[0] for t in yticks), default=0)
+        cx, cy = (x0 - 14 - ticks_w - 10) * s, (y0 + y1) / 2 * s
+        self.canvas.paste((0, 0, 0), (int(cx - tile.width / 2), int(cy - tile.height / 2)), tile)
+
+    def line(self, start: tuple[float, float], end: tuple[float, float], fill, width: float = 1.5,
+             dash: float | None = None) -> None:
+        """A data-space line clipped to nothing (callers keep it inside); dash: px of dash and gap."""
+        a, b = self.xy(*start), self.xy(*end)
+        w = round(width * self.s)
+        if dash is None:
+            self.draw.line([a, b], fill=fill, width=w)
+            return
+        length = float(np.hypot(b[0] - a[0], b[1] - a[1]))
+        step = dash * self.s
+        for d in np.arange(0, length, 2 * step):
+            e = min(d + step, length)
+            self.draw.line([(a[0] + (b[0] - a[0]) * d / length, a[1] + (b[1] - a[1]) * d / length),
+                            (a[0] + (b[0] - a[0]) * e / length, a[1] + (b[1] - a[1]) * e / length)],
+                           fill=fill, width=w)
+
+    def legend(self, corner: str, entries: Sequence[tuple[str, tuple[int, int, int], float | None]]) -> None:
+        """Lines with their labels in a framed box at the axes' upper `corner` ('left' or 'right');
+        entries: (label, colour, dash or None)."""
+        x0, y0, x1, _ = self.box
+        width = 48 + max(_text_size(label, 13)[0] for label, _, _ in entries)
+        height = 10 + 22 * len(entries)
+        left = x0 + 8 if corner == "left" else x1 - 8 - width
+        s = self.s
+        self.draw.rectangle([left * s, (y0 + 8) * s, (left + width) * s, (y0 + 8 + height) * s],
+                            fill=(255, 255, 255), outline=(204, 204, 204), width=s)
+        for k, (label, color, dash) in enumerate(entries):
+            y = y0 + 8 + 16 + 22 * k
+            if dash is None:
+                self.draw.line([((left + 8) * s, y * s), ((left + 36) * s, y * s)], fill=color, width=round(1.5 * s))
+            else:
+                for x in np.arange(left + 8, left + 36, 2 * dash):
+                    self.draw.line([(x * s, y * s), (min(x + dash, left + 36) * s, y * s)], fill=color,
+                                   width=round(1.5 * s))
+            self.text((left + 42, y), label, 13, "lm")
+
+
+def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> bytes:
+    """Retained-ratio histogram and APT vs uniform patches per image (PNG bytes), drawn with PIL."""
     ok = [r for r in rows if r["status"] in ("ok", "reused")]
     ratios = np.array([r["retained_ratio"] for r in ok], dtype=float)
     uniform = np.array([r["uniform_patches"] for r in ok], dtype=float)
     apt = np.array([r["apt_patches"] for r in ok], dtype=float)
-    fig = Figure(figsize=(12, 5), dpi=100, layout="constrained")
-    left, right = fig.subplots(1, 2)
+    s = PLOT_SUPERSAMPLE
+    canvas = Image.new("RGB", (PLOT_SIZE[0] * s, PLOT_SIZE[1] * s), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((PLOT_SIZE[0] / 2 * s, 8 * s), one_line(f"APT summary ({thresholds_text})"), font=font(16 * s),
+              fill=(0, 0, 0), anchor="mt")
+
+    counts, edges = np.histogram(ratios, bins=min(30, max(5, ratios.size // 3)), range=(0, 1))
+    count_top = max(1.0, counts.max(initial=0) * 1.05)
+    left = _Axes(canvas, (70, 64, 585, 446), (0.0, 1.0), (0.0, count_top))
+    for n, a, b in zip(counts, edges[:-1], edges[1:]):
+        if n:
+            (xa, ya), (xb, yb) = left.xy(a, n), left.xy(b, 0)
+            draw.rectangle([xa, ya, xb, yb], fill=HIST_RGB, outline=(255, 255, 255), width=s)
+    entries = []
     if ratios.size:
-        left.hist(ratios, bins=min(30, max(5, ratios.size // 3)), range=(0, 1), color="#4c72b0", edgecolor="white")
-        for value, name, style in ((ratios.mean(), "mean", "-"), (np.median(ratios), "median", "--")):
-            left.axvline(value, color="black", linestyle=style, label=f"{name} {value:.3f}")
-        left.legend()
-        right.scatter(uniform, apt, s=14, alpha=0.7, color="#dd8452")
-        top = max(uniform.max(), 1) * 1.05
-        right.plot([0, top], [0, top], color="gray", linestyle="--", linewidth=1, label="no saving (APT = uniform)")
-        right.plot([0, top], [0, top * ratios.mean()], color="black", linewidth=1,
-                   label=f"mean ratio {ratios.mean():.3f}")
-        right.set_xlim(0, top)
-        right.set_ylim(0, top)
-        right.legend(loc="upper left")
-    left.set_xlim(0, 1)
-    left.set_xlabel("retained ratio (APT patches / uniform patches)")
-    left.set_ylabel("images")
-    left.set_title(f"Retained ratio over {ratios.size} images")
-    right.set_xlabel("uniform patches (Qwen2-VL ViT tokens without APT)")
-    right.set_ylabel("APT patches")
-    right.set_title("APT vs uniform patches per image")
-    fig.suptitle(f"APT summary ({thresholds_text})")
-    return _figure_png(fig)
+        for value, name, dash in ((ratios.mean(), "mean", None), (np.median(ratios), "median", 5.0)):
+            left.line((value, 0), (value, count_top), (0, 0, 0), width=2, dash=dash)
+            entries.append((f"{name} {value:.3f}", (0, 0, 0), dash))
+    left.frame(f"Retained ratio over {ratios.size} images", "retained ratio (APT patches / uniform patches)",
+               "images", nice_ticks(0, 1, 6), [t for t in nice_ticks(0, count_top, 8) if t == int(t)])
+    if entries:
+        left.legend("left", entries)
+
+    top = max(uniform.max(initial=0), 1) * 1.05
+    right = _Axes(canvas, (690, 64, 1185, 446), (0.0, top), (0.0, top))
+    entries = []
+    if ratios.size:
+        radius = 2.8 * s
+        x0, y0, x1, y1 = (round(v * s) for v in right.box)
+        pad = round(radius) + 1  # dots on the frame's edge spill over it, as matplotlib's do
+        dots = Image.new("L", (x1 - x0 + 2 * pad, y1 - y0 + 2 * pad), 0)  # their coverage
+        dots_draw = ImageDraw.Draw(dots)
+        for u, a in zip(uniform, apt):
+            x, y = right.xy(u, a)
+            x, y = x - x0 + pad, y - y0 + pad
+            dots_draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=round(255 * SCATTER_ALPHA))
+        canvas.paste(SCATTER_RGB, (x0 - pad, y0 - pad, x1 + pad, y1 + pad), dots)
+        right.line((0, 0), (top, top), DIAGONAL_RGB, width=1, dash=4.0)
+        right.line((0, 0), (top, top * ratios.mean()), (0, 0, 0), width=1)
+        entries = [("no saving (APT = uniform)", DIAGONAL_RGB, 4.0), (f"mean ratio {ratios.mean():.3f}", (0, 0, 0), None)]
+    right.frame("APT vs uniform patches per image", "uniform patches (Qwen2-VL ViT tokens without APT)",
+                "APT patches", nice_ticks(0, top, 7), nice_ticks(0, top, 7))
+    if entries:
+        right.legend("left", entries)
+    return encode_png(canvas.resize(PLOT_SIZE, Image.Resampling.BOX), compress_level=6)
 
 
-def extra_image_files(result, stats: Mapping, options, overlay: np.ndarray, overlay_image: Image.Image,
-                      resized_jpeg: bytes) -> dict[str, bytes]:
-    """The per-image outputs beyond the core's: importance overlays, explorer.html and
-    summary_panel.png, encoded, keyed by file name (result: the core's ImageResult)."""
+def importance_overlay_picture(result, patch_size: int) -> PngPicture:
+    """importance_overlay_scale_<patch_size>.png of one image (result: the core's ImageResult)."""
+    label = SCORERS[result.settings.method][1]
+    pixels = importance_overlay_pixels(result.prepared.resized, result.maps[patch_size], patch_size, label)
+    return PngPicture(pixels, compress_level=1)
+
+
+def summary_panel_picture(result, stats: Mapping, overlay: np.ndarray, overlay_image: Image.Image) -> PngPicture:
+    """summary_panel.png of one image (result: the core's ImageResult; overlay: the chosen
+    patches' borders on the resized image, as an array and a picture)."""
     p, settings = result.prepared, result.settings
-    label = SCORERS[settings.method][1]
     counts = patch_counts(result.masks)
-    files = {overlay_name(ps): encode_png(render_importance_overlay(p.resized, result.maps[ps], ps, label),
-                                          compress_level=1) for ps in settings.patch_sizes}
-    files["explorer.html"] = explorer_html(
-        p.job.label, resized_jpeg, result.maps, settings.thresholds, counts, stats["uniform_patches"],
-        stats["qwen2vl_tokens"], label, options,
-    ).encode()
     lines = [
         f"original {p.original_size[0]} x {p.original_size[1]} -> resized {p.resized.shape[1]} x {p.resized.shape[0]}",
         f"method {settings.method}, thresholds {', '.join(f'{t:g}' for t in settings.thresholds)}",
@@ -185,7 +303,15 @@ def extra_image_files(result, stats: Mapping, options, overlay: np.ndarray, over
     ]
     if settings.target_ratio is not None:
         lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
-    panel = render_summary_panel(f"APT: {one_line(Path(p.job.label).name)}", p.original_preview or overlay_image, p.original_size,
-                                 overlay, result.maps, lines, label)
-    files["summary_panel.png"] = encode_png(panel, compress_level=1)
-    return files
+    panel = render_summary_panel(f"APT: {one_line(Path(p.job.label).name)}", p.original_preview or overlay_image,
+                                 p.original_size, overlay, result.maps, lines, SCORERS[settings.method][1])
+    return PngPicture(np.asarray(panel), compress_level=1)
+
+
+def explorer_page(result, stats: Mapping, options, resized_jpeg: bytes) -> bytes:
+    """explorer.html of one image (result: the core's ImageResult)."""
+    settings = result.settings
+    return explorer_html(
+        result.prepared.job.label, resized_jpeg, result.maps, settings.thresholds, patch_counts(result.masks),
+        stats["uniform_patches"], stats["qwen2vl_tokens"], SCORERS[settings.method][1], options,
+    ).encode()

@@ -244,3 +244,35 @@ def test_report_opens_in_a_browser(dataset, tmp_path, browser):
     assert all(not link.startswith(("http", "/")) for link in links)  # relative, offline
     assert all((out / link).exists() for link in links)
     assert browser.console_errors() == []
+
+
+def test_batch_summaries_drawn_without_matplotlib(tmp_path):
+    """summary.png is drawn with PIL: importing matplotlib cost a batch about a second (issue 10).
+    The plot itself: a labelled picture of the PLOT_SIZE, not blank."""
+    photos = tmp_path / "in"
+    for k in range(3):
+        small_photo(photos / f"p{k}.jpg", (200 + 40 * k, 240), k)
+    code = ("import sys, visualize_patches as vp; "
+            f"code = vp.main([{str(photos)!r}, '-o', {str(tmp_path / 'out')!r}, '-q', '--workers', '1']); "
+            "print(code, 'matplotlib' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=TOOL.parent, capture_output=True, text=True, timeout=300)
+    assert proc.stdout.split() == ["0", "False"], proc.stderr + proc.stdout
+    with Image.open(tmp_path / "out" / "summary.png") as im:
+        assert im.size == (1200, 500) and im.mode == "RGB"
+        pixels = np.asarray(im)
+    assert (pixels != 255).any(axis=-1).mean() > 0.02  # axes, bars, dots and text drawn
+
+
+def test_workers_are_forked_only_when_that_is_safe(monkeypatch):
+    """Forked from the main process (no second import of the tool), but never with another thread
+    running or torch loaded: then from the fork server, as before."""
+    from apt_vis import batch
+
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(batch.threading, "active_count", lambda: 1)
+    assert batch._fork_is_safe() == (sys.platform == "linux")
+    monkeypatch.setattr(batch.threading, "active_count", lambda: 2)
+    assert not batch._fork_is_safe()
+    monkeypatch.setattr(batch.threading, "active_count", lambda: 1)
+    monkeypatch.setitem(sys.modules, "torch", object())
+    assert not batch._fork_is_safe()

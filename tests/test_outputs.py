@@ -1,5 +1,6 @@
 """Every output file of a real run, opened and checked; the renderers on hand-made inputs."""
 
+import io
 import json
 
 import matplotlib
@@ -154,3 +155,39 @@ def test_borders_color_by_scale():
     assert tuple(out[10, 0]) == (255, 0, 0)  # outer edge of a 14 px patch
     assert tuple(out[10, 55]) == (0, 0, 255)  # outer edge of the 28 px patch
     assert tuple(out[10, 27]) == (255, 0, 0) and tuple(out[10, 28]) == (0, 0, 255)  # each side its own
+
+
+@pytest.mark.parametrize("mode, shape", [("RGB", (37, 23, 3)), ("RGB", (1, 5, 3)), ("L", (9, 1)),
+                                         ("RGBA", (6, 7, 4)), ("RGB", (300, 211, 3))])
+@pytest.mark.parametrize("level", [0, 1, 9])
+def test_encode_png_is_lossless(mode, shape, level):
+    """encode_png's own writer (8-bit L/RGB/RGBA), decoded by PIL: the same mode and pixels."""
+    rng = np.random.default_rng(sum(shape) + level)
+    pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+    pixels[len(pixels) // 2:] = pixels[0]  # repeated rows, as flat colours give
+    data = vp.encode_png(Image.fromarray(pixels, mode), compress_level=level)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as decoded:
+        decoded.load()  # checks every chunk's CRC and the zlib stream
+        assert decoded.format == "PNG" and decoded.mode == mode
+        assert np.array_equal(np.asarray(decoded), pixels)
+
+
+@pytest.mark.parametrize("mode", ["1", "P", "I;16", "LA"])
+def test_encode_png_other_modes(mode):
+    image = Image.linear_gradient("L").resize((20, 12)).convert(mode)
+    with Image.open(io.BytesIO(vp.encode_png(image))) as decoded:
+        assert decoded.mode == image.mode and decoded.tobytes() == image.tobytes()
+
+
+def test_pngs_encoded_on_a_thread_are_the_ones_encoded_in_order(monkeypatch, tmp_path):
+    """PictureTasks' PNG encoder thread (the main process on 2+ cores) writes the same bytes as
+    encoding in order (one core, or a batch worker): both forced here, whatever this machine has."""
+    written = {}
+    for cores in (1, 2):
+        monkeypatch.setattr(vp, "default_workers", lambda cores=cores: cores)
+        with vp.PictureTasks() as tasks:
+            assert (tasks.encoder is not None) == (cores > 1)
+        assert vp.main([str(vp.sample_image_path()), "-o", str(tmp_path / str(cores)), "-q"]) == 0
+        written[cores] = {p.name: p.read_bytes() for p in (tmp_path / str(cores)).iterdir() if p.name != "stats.json"}
+    assert written[1] == written[2] and len(written[1]) >= 13
