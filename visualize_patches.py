@@ -767,20 +767,32 @@ def render_heatmap(
 
 
 def patch_id_maps(masks: Mapping[int, np.ndarray], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel (patch id, scale index) maps, both (H, W) int32, from per-scale masks."""
-    ids = np.full((height, width), -1, dtype=np.int32)
-    scale_of = np.full((height, width), -1, dtype=np.int32)
+    """Per-pixel (patch id, scale index) maps, both (H, W) int32, from per-scale masks: a chosen
+    patch's pixels get its id (its scale's offset + row * cols + col) and its scale's index.
+
+    Patch sizes double from scale to scale, so the maps are made on the grid of base cells (each
+    scale's cells repeated 2**k times) and only that grid is repeated up to pixels."""
+    sizes = sorted(masks)
+    base = sizes[0]
+    rows, cols = masks[base].shape
+    cell_ids = np.full((rows, cols), -1, dtype=np.int32)
+    cell_scale = np.full((rows, cols), -1, dtype=np.int32)
     offset = 0
-    for k, ps in enumerate(sorted(masks)):
+    for k, ps in enumerate(sizes):
         mask = masks[ps]
-        rows, cols = mask.shape
-        cell_ids = np.where(mask, offset + np.arange(rows * cols, dtype=np.int32).reshape(rows, cols), -1)
-        pixel_ids = np.repeat(np.repeat(cell_ids, ps, axis=0), ps, axis=1)[:height, :width]
-        chosen = pixel_ids >= 0
-        ids[chosen] = pixel_ids[chosen]
-        scale_of[chosen] = k
-        offset += rows * cols
-    return ids, scale_of
+        r, c = mask.shape
+        step = ps // base
+        ids = np.where(mask, offset + np.arange(r * c, dtype=np.int32).reshape(r, c), -1)
+        ids = np.repeat(np.repeat(ids, step, axis=0), step, axis=1)[:rows, :cols]
+        chosen = ids >= 0
+        cell_ids[chosen] = ids[chosen]
+        cell_scale[chosen] = k
+        offset += r * c
+
+    def to_pixels(grid: np.ndarray) -> np.ndarray:
+        return np.repeat(np.repeat(grid, base, axis=0), base, axis=1)[:height, :width]
+
+    return to_pixels(cell_ids), to_pixels(cell_scale)
 
 
 def border_mask(ids: np.ndarray, thickness: int) -> np.ndarray:

@@ -76,3 +76,34 @@ def test_line_color_validated(tmp_path):
     assert proc.returncode == 2 and "0..255" in proc.stderr
     proc = run_cli(PEARL, "-o", tmp_path / "o", "--line-thickness", "0")
     assert proc.returncode == 2
+
+
+def _patch_ids_direct(masks, height, width):
+    """patch_id_maps' definition, one chosen patch at a time: its pixels (cut at the image edge)
+    get its id (scale offset + row * cols + col) and its scale's index."""
+    ids = np.full((height, width), -1, dtype=np.int32)
+    scale_of = np.full((height, width), -1, dtype=np.int32)
+    offset = 0
+    for k, ps in enumerate(sorted(masks)):
+        rows, cols = masks[ps].shape
+        for r, c in zip(*np.nonzero(masks[ps])):
+            ids[r * ps:(r + 1) * ps, c * ps:(c + 1) * ps] = offset + r * cols + c
+            scale_of[r * ps:(r + 1) * ps, c * ps:(c + 1) * ps] = k
+        offset += rows * cols
+    return ids, scale_of
+
+
+def test_patch_id_maps_against_the_direct_definition():
+    """On APT tilings of random maps (3 and 4 scales, images whose sides are and are not
+    multiples of the largest patch): the same ids and scales as painting patch by patch."""
+    rng = np.random.default_rng(7)
+    for height, width, sizes in ((112, 168, (14, 28, 56)), (98, 70, (14, 28, 56)), (40, 24, (4, 8, 16, 32)),
+                                 (8, 8, (4, 8)), (28, 196, (14, 28, 56))):
+        maps = {ps: rng.uniform(0, 4, vp.grid_shape(height, width, ps)) for ps in sizes}
+        for ps in sizes:
+            maps[ps][vp.padded_cells(height, width, ps)] = np.nan
+        masks = vp.select_patches_np(maps, rng.uniform(1, 4, len(sizes) - 1))
+        ours = vp.patch_id_maps(masks, height, width)
+        direct = _patch_ids_direct(masks, height, width)
+        np.testing.assert_array_equal(ours[0], direct[0])
+        np.testing.assert_array_equal(ours[1], direct[1])
