@@ -276,3 +276,38 @@ def test_workers_are_forked_only_when_that_is_safe(monkeypatch):
     monkeypatch.setattr(batch.threading, "active_count", lambda: 1)
     monkeypatch.setitem(sys.modules, "torch", object())
     assert not batch._fork_is_safe()
+
+
+def test_default_workers_follow_the_cores_within_the_memory(monkeypatch):
+    """--workers' default: one per usable core, however many (no fixed cap), as long as each
+    gets WORKER_MEMORY_BUDGET of the available memory; at least one."""
+    budget = vp.WORKER_MEMORY_BUDGET
+    monkeypatch.setattr(vp.os, "sched_getaffinity", lambda pid: set(range(64)))
+    for available, expected in ((None, 64), (1000 * budget, 64), (8 * budget + budget // 2, 8),
+                                (budget // 3, 1)):
+        monkeypatch.setattr(vp, "available_memory", lambda available=available: available)
+        assert vp.default_workers() == expected, available
+    monkeypatch.setattr(vp.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(vp, "available_memory", lambda: 1000 * budget)
+    assert vp.default_workers() == 2
+
+
+def test_available_memory_reads_the_smaller_of_the_machine_and_the_cgroup(tmp_path, monkeypatch):
+    """MemAvailable from /proc/meminfo, lowered to what a cgroup v2 limit leaves (a container)."""
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    monkeypatch.setattr(vp, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(vp, "CGROUP_MEMORY", str(cgroup))
+    assert vp.available_memory() == 20000000 * 1024  # no cgroup files: the machine's
+    (cgroup / "memory.max").write_text("max\n")
+    (cgroup / "memory.current").write_text("123\n")
+    assert vp.available_memory() == 20000000 * 1024  # no limit
+    (cgroup / "memory.max").write_text(f"{4 * 2**30}\n")
+    (cgroup / "memory.current").write_text(f"{2**30}\n")
+    assert vp.available_memory() == 3 * 2**30
+    meminfo.write_text("garbage\n")
+    assert vp.available_memory() == 3 * 2**30
+    (cgroup / "memory.max").unlink()
+    assert vp.available_memory() is None
