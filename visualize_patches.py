@@ -155,6 +155,7 @@ MODEL_PRESETS: dict[str, dict] = {
         fps=2.0, min_frames=4, max_frames=768),
 }
 DEFAULT_MODEL = "qwen2-vl"
+MODEL_NAMES = {"qwen2-vl": "Qwen2-VL", "qwen2.5-vl": "Qwen2.5-VL", "qwen3-vl": "Qwen3-VL"}  # in pictures and pages
 
 # APT reference (arXiv 2510.18091, entropy_utils.py): grayscale by the luma
 # weights 0.2989 / 0.5870 / 0.1140 and a 512-bin histogram over [0, 256).

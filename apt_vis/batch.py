@@ -31,6 +31,7 @@ from visualize_patches import (
     EXIT_FAILURE,
     EXIT_OK,
     Job,
+    MODEL_NAMES,
     LOG_LEVEL,
     Outcome,
     Prepared,
@@ -502,8 +503,8 @@ def write_summaries(out_root: Path, rows: Sequence[Mapping], summary: Mapping, s
     files = {
         "summary.csv": encode_csv(rows, columns),
         "summary.json": encode_json(summary),
-        "summary.png": render_batch_summary_plot(rows, thresholds_text),
-        "report.html": extension("pages").report_html(rows, summary, sizes).encode(),
+        "summary.png": render_batch_summary_plot(rows, thresholds_text, MODEL_NAMES[settings.model]),
+        "report.html": extension("pages").report_html(rows, summary, sizes, MODEL_NAMES[settings.model]).encode(),
         **(sweep or {}),
     }
     write_files(out_root, files, what="the summaries")

@@ -74,6 +74,7 @@ def explorer_html(
     counts: Mapping[int, int],
     uniform: int,
     qwen2vl_tokens: int,
+    model_name: str,
     label: str,
     options: vp.RenderOptions,
 ) -> str:
@@ -106,14 +107,14 @@ def explorer_html(
         "explorer",
         name=esc(vp.one_line(Path(title).name)), path=esc(vp.one_line(title)),
         sliders=sliders, count_rows=count_rows, scale_options=scale_options,
-        apt_patches=sum(counts.values()), uniform=uniform, qwen2vl_tokens=qwen2vl_tokens,
+        apt_patches=sum(counts.values()), uniform=uniform, qwen2vl_tokens=qwen2vl_tokens, model_name=esc(model_name),
         retained_ratio=f"{sum(counts.values()) / uniform:.4f}",
         retained_percent=f"{100 * sum(counts.values()) / uniform:.1f}",
         label=esc(label), base_size=sizes[0], width=width, height=height, data=_json_for_script(data),
     )
 
 
-def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence[int]) -> str:
+def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence[int], model_name: str) -> str:
     """A static gallery of a batch run: overlay thumbnails and numbers, sortable, failures listed.
 
     rows: the summary rows; their 'output' is the image's folder relative to the report.
@@ -143,7 +144,7 @@ def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence
             part["size_cell"].substitute(r, area=r["resized_width"] * r["resized_height"]),
         ]
         body.append(part["row"].substitute(cells="".join(cells)))
-    heads = ["image", "retained ratio", "APT patches", "uniform patches", "Qwen2-VL tokens (no APT)",
+    heads = ["image", "retained ratio", "APT patches", "uniform patches", f"{model_name} LLM tokens (no APT)",
              *(f"{ps} px" for ps in patch_sizes), "size"]
     types = ["text"] + ["number"] * (len(heads) - 1)
     head = "".join(part["sorted_head" if k == 1 else "head"].substitute(type=t, text=esc(h))

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visualize_patches import (
+    MODEL_NAMES,
     INFERNO,
     OVERLAY_CELL_WEIGHT,
     OVERLAY_WEIGHT,
@@ -228,7 +229,7 @@ class _Axes:
             self.text((left + 42, y), label, 13, "lm")
 
 
-def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> bytes:
+def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str, model_name: str) -> bytes:
     """Retained-ratio histogram and APT vs uniform patches per image (PNG bytes), drawn with PIL."""
     ok = [r for r in rows if r["status"] in ("ok", "reused")]
     ratios = np.array([r["retained_ratio"] for r in ok], dtype=float)
@@ -274,7 +275,7 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str) -> 
         right.line((0, 0), (top, top), DIAGONAL_RGB, width=1, dash=4.0)
         right.line((0, 0), (top, top * ratios.mean()), (0, 0, 0), width=1)
         entries = [("no saving (APT = uniform)", DIAGONAL_RGB, 4.0), (f"mean ratio {ratios.mean():.3f}", (0, 0, 0), None)]
-    right.frame("APT vs uniform patches per image", "uniform patches (Qwen2-VL ViT tokens without APT)",
+    right.frame("APT vs uniform patches per image", f"uniform patches ({model_name} ViT patches without APT)",
                 "APT patches", nice_ticks(0, top, 7), nice_ticks(0, top, 7))
     if entries:
         right.legend("left", entries)
@@ -299,7 +300,7 @@ def summary_panel_picture(result, stats: Mapping, overlay: np.ndarray, overlay_i
         *(f"  {ps:>4} px patches: {n}" for ps, n in counts.items()),
         f"APT patches: {stats['apt_patches']} of {stats['uniform_patches']} uniform",
         f"retained ratio: {stats['retained_ratio']:.4f} ({stats['retained_ratio']:.1%})",
-        f"Qwen2-VL LLM tokens without APT: {stats['qwen2vl_tokens']}",
+        f"{MODEL_NAMES[settings.model]} LLM tokens without APT: {stats['qwen2vl_tokens']}",
     ]
     if settings.target_ratio is not None:
         lines.insert(2, f"threshold chosen for target ratio {settings.target_ratio:g}")
@@ -313,5 +314,6 @@ def explorer_page(result, stats: Mapping, options, resized_jpeg: bytes) -> bytes
     settings = result.settings
     return explorer_html(
         result.prepared.job.label, resized_jpeg, result.maps, settings.thresholds, patch_counts(result.masks),
-        stats["uniform_patches"], stats["qwen2vl_tokens"], SCORERS[settings.method][1], options,
+        stats["uniform_patches"], stats["qwen2vl_tokens"], MODEL_NAMES[settings.model], SCORERS[settings.method][1],
+        options,
     ).encode()

@@ -75,3 +75,18 @@ def test_unknown_model_lists_the_known_ones(tmp_path):
     proc = run_cli(PEARL, "-o", tmp_path / "o", "--model", "qwen4-vl")
     assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1
     assert all(f"'{name}'" in proc.stderr for name in vp.MODEL_PRESETS)
+
+
+def test_pictures_and_pages_name_the_model_analysed(tmp_path):
+    """Under --model qwen3-vl the explorer and the batch report speak of Qwen3-VL's tokens, not
+    Qwen2-VL's (the stats keep their key qwen2vl_tokens, the count of LLM tokens without APT)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(PEARL.read_bytes())
+    (folder / "b.jpg").write_bytes(PEARL.read_bytes())
+    out = tmp_path / "o"
+    proc = run_cli(folder, "-o", out, "-q", "--model", "qwen3-vl")
+    assert proc.returncode == 0, proc.stderr
+    for page in (out / "a.jpg" / "explorer.html", out / "report.html"):
+        text = page.read_text()
+        assert "Qwen3-VL" in text and "Qwen2-VL" not in text, page.name

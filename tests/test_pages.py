@@ -31,6 +31,6 @@ def test_pages_read_the_files_at_run_time(tmp_path, monkeypatch):
         with open(static / name, "a") as f:
             f.write(marker + "\n")
     monkeypatch.setattr(pages, "STATIC", static)
-    page = pages.report_html([], SUMMARY, (14, 28))
+    page = pages.report_html([], SUMMARY, (14, 28), "Qwen2-VL")
     assert "/* edited style */\n</style>" in page and "// edited script\n</script>" in page
     assert page.endswith("</body></html>\n<!-- edited page -->\n")

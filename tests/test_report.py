@@ -47,7 +47,7 @@ SUMMARY = {"images": {"ok": 1, "reused": 0, "failed": 0}, "files_skipped": 0,
 
 
 def test_report_prints_thresholds_rounded():
-    page = pages.report_html([], SUMMARY, (14, 28, 56))
+    page = pages.report_html([], SUMMARY, (14, 28, 56), "Qwen2-VL")
     assert "5.442685127258301" not in page
     assert "Thresholds 5.44269, 5.44269 (chosen for target ratio 0.5)" in page
 
