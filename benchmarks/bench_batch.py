@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from _common import PEARL, TOOL, machine, median, run_measured
+from _common import PEARL, TOOL, machine, median, run_measured, warm_up
 
 STATS_TARGET = 1.5
 
@@ -103,6 +103,8 @@ def main() -> int:
         python = sys.executable
         tool = [python, str(TOOL), str(photos), "-q", "--workers", str(workers), "--device", args.device]
         plain, stats = [], []
+        warm_up([python, str(work / "plain_loop.py"), str(work / "items.json"), str(workers)],
+                [*tool, "-o", str(work / "warm"), "--stats-only"])
         for k in range(args.runs):
             plain.append(run_measured([python, str(work / "plain_loop.py"), str(work / "items.json"), str(workers)]))
             stats.append(run_measured([*tool, "-o", str(work / f"stats{k}"), "--stats-only"]))

@@ -16,12 +16,11 @@ ipdb, einops and torchvision, which are replaced by the stand-ins in benchmarks/
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import PEARL, TOOL, machine, median, run_measured
+from _common import PEARL, TOOL, USER_ENV, machine, median, run_measured, warm_up
 
 WALL_TARGET, MEMORY_TARGET, STATS_ONLY_WALL_TARGET = 2.0, 2.5, 1.5
 ORIGINAL_SPEED_TARGET, ORIGINAL_MEMORY_TARGET = 10.0, 30.0
@@ -42,6 +41,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="apt-bench-") as tmp:
         work = Path(tmp)
         bare, full, stats = [], [], []
+        warm_up([sys.executable, str(TOOL), str(PEARL), "-o", str(work / "warm"), "-q"])
         for k in range(args.runs):
             bare.append(run_measured([sys.executable, "-c", BARE]))
             full.append(run_measured([sys.executable, str(TOOL), str(PEARL), "-o", str(work / f"f{k}"), "-q"]))
@@ -67,7 +67,7 @@ def compare_with_original(src: Path, runs: int, work: Path) -> bool:
     """The original visualize_patches.py and this tool on the same photo, alternating (CPU, default
     thresholds 3 2): wall time and peak RSS, medians."""
     script = src / "transformers" / "models" / "qwen2_vl" / "visualize_patches.py"
-    env = {**os.environ, "PYTHONPATH": str(STUBS)}
+    env = {**USER_ENV, "PYTHONPATH": str(STUBS)}
     original, ours = [], []
     for k in range(runs):
         original.append(run_measured([sys.executable, str(script), str(PEARL), "-o", str(work / f"orig{k}"),
