@@ -54,8 +54,8 @@ if __name__ == "__main__":
     _spec = importlib.util.spec_from_file_location("visualize_patches", __file__)
     _core = importlib.util.module_from_spec(_spec)
     sys.modules["visualize_patches"] = _core
-    try:
-        _spec.loader.exec_module(_core)
+    try:  # this file's code, compiled once already to run as __main__: run it again, not compile it again
+        exec(sys._getframe(0).f_code, _core.__dict__)
     except ModuleNotFoundError as _missing:
         if _missing.name != "torch":
             raise
