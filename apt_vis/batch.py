@@ -4,6 +4,7 @@ batch (--target-ratio), interrupts, and the summaries (summary.csv/json/png, rep
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import fnmatch
 import functools
@@ -555,7 +556,8 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
         else:
             rows[job] = summary_row(job, out_root, outcome.stats, "reused" if outcome.reused else "ok",
                                     pictures=not options.stats_only)
-            maps_of.setdefault(job, outcome.maps)
+            if options.sweep:  # the only use of pass 2's maps here: hold them for nothing else
+                maps_of.setdefault(job, outcome.maps)
 
     try:
         try:
@@ -693,7 +695,7 @@ def _process_all(jobs: Sequence[Job], settings: Settings, options: RenderOptions
     images while this process scores them in batches; videos run here."""
     if scorer.in_workers:
         calls = [(j, (j, settings, options, CPU, skip_existing, known.get(j))) for j in jobs]
-        for job, outcome in _ordered_map(executor, run_input, calls, 2 * executor.workers, final=True):
+        for job, outcome in _ordered_map(executor, _run_input_in_worker, calls, 2 * executor.workers, final=True):
             progress.update()
             yield job, outcome
         return
@@ -703,6 +705,14 @@ def _process_all(jobs: Sequence[Job], settings: Settings, options: RenderOptions
         yield job, _outcome(functools.partial(run_input, job, settings, options, scorer, skip_existing,
                                               known.get(job)))
         progress.update()
+
+
+def _run_input_in_worker(job: Job, settings: Settings, options: RenderOptions, scorer: Scorer,
+                         skip_existing: bool, maps: list | None) -> Outcome:
+    """run_input for pass 2 in a worker: the maps travel back only when the main process needs
+    them (--sweep), so that the results stay small (about 45 KB of maps per 1 MP image)."""
+    outcome = run_input(job, settings, options, scorer, skip_existing, maps)
+    return outcome if options.sweep else dataclasses.replace(outcome, maps=[])
 
 
 def _images_on_cuda(images: Sequence[Job], settings: Settings, options: RenderOptions, scorer: Scorer,

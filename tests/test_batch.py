@@ -311,3 +311,25 @@ def test_available_memory_reads_the_smaller_of_the_machine_and_the_cgroup(tmp_pa
     assert vp.available_memory() == 3 * 2**30
     (cgroup / "memory.max").unlink()
     assert vp.available_memory() is None
+
+
+@pytest.mark.parametrize("sweep", [False, True])
+def test_batch_keeps_maps_in_the_main_process_only_for_a_sweep(tmp_path, sweep):
+    """Pass 2's outcomes carry each input's maps back from the workers only when the main process
+    needs them (--sweep); otherwise a long run would hold every input's maps (about 45 KB per
+    1 MP image) until it ends."""
+    import apt_vis.batch as apt_batch
+
+    folder = tmp_path / "in"
+    for k in range(3):
+        small_photo(folder / f"p{k}.png", (200, 160), k)
+    found = apt_batch.discover([str(folder)], tmp_path / "out", None, None)
+    options = vp.RenderOptions(stats_only=True, sweep=sweep)
+    executor = apt_batch.Executor(2)
+    try:
+        outcomes = list(apt_batch._process_all(found.jobs, vp.Settings(), options, vp.CPU, executor,
+                                               apt_batch.Progress(0, False), {}, False))
+    finally:
+        executor.shutdown()
+    assert len(outcomes) == 3 and all(isinstance(o, vp.Outcome) for _, o in outcomes)
+    assert all(len(o.maps) == (1 if sweep else 0) for _, o in outcomes)
