@@ -262,12 +262,15 @@ LAZY_NAMES = {"PatchTokenizer": "torch_backend", "select_patches": "torch_backen
 
 def __getattr__(name: str):
     if name in LAZY_NAMES:
-        return getattr(extension(LAZY_NAMES[name]), name)
+        try:
+            return getattr(extension(LAZY_NAMES[name]), name)
+        except ToolError as exc:  # without apt_vis the name is absent (hasattr, help() and dir() keep working)
+            raise AttributeError(str(exc)) from None
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:  # so that a notebook's tab completion offers them too
-    return sorted({*globals(), *LAZY_NAMES})
+    return sorted({*globals(), *(LAZY_NAMES if has_extensions() else ())})
 
 
 @dataclass(frozen=True)
@@ -2082,9 +2085,10 @@ def parse_args(argv: Sequence[str] | None,
     args = parser.parse_args(argv)
     if args.device == "cuda":
         try:
+            extension("torch_backend")  # the CUDA path
             require_torch("--device cuda")
         except ToolError as exc:
-            parser.error(str(exc))
+            parser.error(f"--device cuda: {exc}")
     if args.device == "cuda" and not cuda_available():
         parser.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     if args.method != "entropy" and args.thresholds is None and args.target_ratio is None:
@@ -2112,8 +2116,8 @@ def parse_args(argv: Sequence[str] | None,
         stats_only=args.stats_only, sweep=args.sweep,
     )
     device = args.device
-    if device == "auto":  # torch is imported only when a GPU is visible
-        device = "cuda" if nvidia_gpu_visible() and cuda_available() else "cpu"
+    if device == "auto":  # torch is imported only when a GPU is visible (and the CUDA path is there)
+        device = "cuda" if has_extensions() and nvidia_gpu_visible() and cuda_available() else "cpu"
     return args, settings, options, Scorer(device)
 
 

@@ -73,3 +73,45 @@ def test_an_extensions_tool_error_is_one_line_when_the_core_runs_as_a_script(tmp
         "No such file or directory"]
     assert files_under(tmp_path / "out") == []
 
+
+
+def test_the_core_alone_says_what_needs_the_package_for_torch_and_processor_options(tmp_path):
+    """upsample_mse and --processor live in apt_vis: without it, one line naming the package, no
+    output; the lazy names (analyze, PatchTokenizer) are then simply absent, not an error."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(SCRIPT, alone)
+    photo = tmp_path / "photo.jpg"
+    shutil.copy(PEARL, photo)
+    for k, extra in enumerate((["--method", "upsample_mse", "--thresholds", "0.01", "0.005"],
+                               ["--processor", tmp_path / "preprocessor_config.json"])):
+        (tmp_path / "preprocessor_config.json").write_text("{}")
+        proc = run_copy(alone, photo, "-o", tmp_path / f"out{k}", *extra, cwd=tmp_path)
+        assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "needs the apt_vis package" in proc.stderr
+        assert files_under(tmp_path / f"out{k}") == []
+    code = "import visualize_patches as vp; print(hasattr(vp, 'analyze'), 'analyze' in dir(vp))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=alone, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.stdout.split() == ["False", "False"], proc.stderr
+
+
+def test_device_auto_without_the_package_stays_on_the_cpu(monkeypatch):
+    """The CUDA path lives in apt_vis: a copied core on a GPU machine analyses on the CPU by
+    default instead of failing; --device cuda says what it needs."""
+    import visualize_patches as vp
+
+    def missing(name):
+        raise vp.ToolError(f"apt_vis.{name} not found: visualize_patches.py needs the apt_vis package next to it")
+
+    monkeypatch.setattr(vp, "has_extensions", lambda: False)
+    monkeypatch.setattr(vp, "extension", missing)
+    monkeypatch.setattr(vp, "nvidia_gpu_visible", lambda: True)
+    monkeypatch.setattr(vp, "cuda_available", lambda: True)
+    assert vp.parse_args([str(PEARL)])[3].device == "cpu"
+    try:
+        vp.parse_args([str(PEARL), "--device", "cuda"], raise_errors=True)
+    except ValueError as exc:
+        assert "needs the apt_vis package" in str(exc)
+    else:
+        raise AssertionError("--device cuda without apt_vis was accepted")
