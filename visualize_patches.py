@@ -51,6 +51,9 @@ if __name__ == "__main__":
 
     for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(_signum, _stop_during_start_up)
+    # the tool uses no BLAS: one OpenBLAS thread keeps the process single-threaded, so that batch
+    # workers can be forked (apt_vis.batch._fork_is_safe) instead of started from a fork server
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     _spec = importlib.util.spec_from_file_location("visualize_patches", __file__)
     _core = importlib.util.module_from_spec(_spec)
     sys.modules["visualize_patches"] = _core

@@ -347,6 +347,9 @@ def _alive(pid: int) -> bool:
 def _worker_init(log_level: str | None, main_pid: int) -> None:
     for signum in STOP_SIGNALS:  # the main process decides when to stop, and stops its workers itself
         signal.signal(signum, signal.SIG_IGN)
+    # a forked worker starts with them blocked (Executor), so that the main process's handlers,
+    # inherited until the lines above, never run here; a signal that came meanwhile is now ignored
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _die_with(main_pid)
     if log_level is not None:  # this process is the tool's own: log as the main process does
         configure_logging(log_level)
@@ -354,13 +357,22 @@ def _worker_init(log_level: str | None, main_pid: int) -> None:
         sys.modules["torch"].set_num_threads(1)  # the workers are the parallelism
 
 
+def _thread_count() -> int:
+    """Threads of this process, those that libraries started outside Python (OpenBLAS) included."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
 def _fork_is_safe() -> bool:
     """Whether workers may be forked from this process: on Linux, with no other thread running
     (a fork carries only the calling thread, and a lock another thread held stays locked in the
     child) and torch not loaded (CUDA cannot be used in a forked child). Otherwise they come
     from multiprocessing's fork server, a fresh interpreter that imports the tool once more
-    before the first worker starts (about 0.35 s on 2 cores, issue 10)."""
-    return sys.platform == "linux" and threading.active_count() == 1 and "torch" not in sys.modules
+    before the first worker starts (about 0.35 s on 2 cores, issue 10). The program keeps
+    numpy's OpenBLAS to one thread (see the top of visualize_patches.py) so that it qualifies."""
+    return sys.platform == "linux" and _thread_count() == 1 and "torch" not in sys.modules
 
 
 class Executor:
@@ -376,6 +388,8 @@ class Executor:
         self.inflight: dict[Future, Job | None] = {}
         if workers > 1:
             fork = _fork_is_safe()
+            logger.debug(f"{workers} workers forked from this process" if fork else
+                         f"{workers} workers from the fork server (this process has other threads or torch)")
             if fork:
                 context = multiprocessing.get_context("fork")
             else:
@@ -384,7 +398,23 @@ class Executor:
             self.pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_init,
                                             initargs=(LOG_LEVEL[0], os.getpid()))
             if fork:  # start every worker now, while this is still the only thread (tqdm's come later)
+                self._start_forked_workers()
+
+    def _start_forked_workers(self) -> None:
+        """Fork every worker with the stop signals blocked (see _worker_init); one that arrives
+        meanwhile is delivered here, after the fork. If it interrupts (or anything fails), the
+        workers already started are killed: nothing else knows of them, and the interpreter's
+        exit would wait for them for good."""
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            try:
                 self.pool.submit(os.getpid)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        except BaseException:
+            self.kill()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
     def submit(self, fn: Callable, *args, job: Job | None = None) -> Future:
         """fn(*args); `job` marks a task whose success means that job's outputs are complete."""
@@ -542,8 +572,7 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
         rows[job] = summary_row(job, out_root, None, "failed", reason)
         logger.error(reason)
     maps_of: dict[Job, list] = {}  # per job: maps of each image / temporal patch (for sweeps and targets)
-    executor = Executor(workers if len(found.jobs) > 1 else 1)
-    signals.on_second = executor.kill
+    executor: Executor | None = None
     progress = Progress(0, False)
 
     def record(job: Job, outcome: object) -> None:
@@ -561,6 +590,8 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
 
     try:
         try:
+            executor = Executor(workers if len(found.jobs) > 1 else 1)  # in here: a signal may come as it forks
+            signals.on_second = executor.kill
             if settings.target_ratio is not None:
                 # pass 1: every input's maps, so that one threshold serves the whole set
                 progress = Progress(len(found.jobs), show_progress, "scoring")
@@ -580,17 +611,18 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
         except KeyboardInterrupt:
             logger.error(f"interrupted ({signals.name}): finishing the inputs in progress, then writing the "
                          "summary (Ctrl-C again stops at once)")
-            for job, outcome in executor.drain():
+            for job, outcome in executor.drain() if executor is not None else ():
                 if job not in rows:
                     record(job, outcome)
     except KeyboardInterrupt:  # the second signal: the workers are gone, their inputs unfinished
         logger.error("stopped at once: inputs in progress discarded")
     finally:
         with signals.deferring():
-            executor.shutdown(cancel=True)
-            for job in executor.unfinished():
-                if job not in rows:
-                    discard_unfinished(job, out_root)
+            if executor is not None:
+                executor.shutdown(cancel=True)
+                for job in executor.unfinished():
+                    if job not in rows:
+                        discard_unfinished(job, out_root)
             progress.close()
     with signals.deferring():
         ordered = [rows[j] for j in jobs if j in rows]

@@ -23,6 +23,7 @@ def main() -> None:
     # (over a second) ends the run with one line instead of a traceback
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop_during_start_up)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the script does: see visualize_patches.py
     try:
         import visualize_patches
     except ModuleNotFoundError as exc:

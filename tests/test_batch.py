@@ -2,10 +2,12 @@
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -269,13 +271,33 @@ def test_workers_are_forked_only_when_that_is_safe(monkeypatch):
     from apt_vis import batch
 
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    monkeypatch.setattr(batch.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(batch, "_thread_count", lambda: 1)
     assert batch._fork_is_safe() == (sys.platform == "linux")
-    monkeypatch.setattr(batch.threading, "active_count", lambda: 2)
+    monkeypatch.setattr(batch, "_thread_count", lambda: 2)
     assert not batch._fork_is_safe()
-    monkeypatch.setattr(batch.threading, "active_count", lambda: 1)
+    monkeypatch.setattr(batch, "_thread_count", lambda: 1)
     monkeypatch.setitem(sys.modules, "torch", object())
     assert not batch._fork_is_safe()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_thread_count_sees_threads_python_did_not_start():
+    """numpy's OpenBLAS starts its own threads, which threading.active_count() does not see; a
+    fork then copies a multi-threaded process (Python 3.12 warns about it)."""
+    from apt_vis import batch
+
+    assert batch._thread_count() == len(os.listdir("/proc/self/task")) >= threading.active_count()
+
+
+def test_the_program_forks_its_workers(tmp_path):
+    """Run as a program, the tool keeps numpy's BLAS to one thread (it uses no BLAS), so that the
+    process stays single-threaded and its workers are forked, not started from the fork server."""
+    folder = tmp_path / "in"
+    for k in range(2):
+        small_photo(folder / f"p{k}.png", (120, 100), k)
+    proc = run_cli(folder, "-o", tmp_path / "out", "-v", "--stats-only", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "workers forked from this process" in proc.stderr, proc.stderr
 
 
 def test_default_workers_follow_the_cores_within_the_memory(monkeypatch):

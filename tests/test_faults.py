@@ -314,3 +314,64 @@ def test_an_input_named_like_the_lock_file_is_refused(tmp_path):
     proc = run_cli(victim, "-o", out)
     assert proc.returncode == 1 and "is one of the outputs" in proc.stderr, proc.stderr
     assert victim.read_bytes() == PEARL.read_bytes()
+
+
+def _live_children_after(seconds: float) -> list:
+    import multiprocessing
+    deadline = time.time() + seconds
+    while multiprocessing.active_children() and time.time() < deadline:
+        time.sleep(0.05)
+    return multiprocessing.active_children()
+
+
+def test_an_interrupt_while_forked_workers_start_leaves_no_worker(monkeypatch):
+    """Ctrl-C while the worker processes are being forked: the Executor is not made, so nothing
+    would ever stop the workers already started, and the interpreter's exit would wait for them
+    for good. They must be gone when the interrupt propagates."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.setattr(apt_batch, "_fork_is_safe", lambda: True)
+    spawn = ProcessPoolExecutor._spawn_process
+
+    def spawn_then_interrupt(self):  # the signal arrives once a worker is running
+        spawn(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ProcessPoolExecutor, "_spawn_process", spawn_then_interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            apt_batch.Executor(2)
+        assert _live_children_after(5) == []
+    finally:
+        import multiprocessing
+        for process in multiprocessing.active_children():  # before the fix: or pytest's exit waits for good
+            process.kill()
+
+
+def test_a_signal_before_a_forked_worker_is_set_up_does_not_reach_it(monkeypatch):
+    """A forked worker inherits the main process's Python signal handlers (which raise
+    KeyboardInterrupt) until _worker_init ignores the stop signals; a SIGTERM in between must not
+    break the worker (a multi-line 'Exception in initializer' and a broken pool)."""
+    monkeypatch.setattr(apt_batch, "_fork_is_safe", lambda: True)
+    real_init = apt_batch._worker_init
+
+    def slow_init(*args):
+        time.sleep(0.5)  # the window, widened: the test signals the workers now
+        real_init(*args)
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(apt_batch, "_worker_init", slow_init)
+    previous = signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        executor = apt_batch.Executor(2)
+        for process in list(executor.pool._processes.values()):
+            os.kill(process.pid, signal.SIGTERM)
+        try:
+            pids = {executor.submit(os.getpid).result(timeout=20) for _ in range(6)}
+        finally:
+            executor.shutdown()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert pids and os.getpid() not in pids
