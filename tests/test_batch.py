@@ -314,25 +314,58 @@ def test_default_workers_follow_the_cores_within_the_memory(monkeypatch):
     assert vp.default_workers() == 2
 
 
-def test_available_memory_reads_the_smaller_of_the_machine_and_the_cgroup(tmp_path, monkeypatch):
-    """MemAvailable from /proc/meminfo, lowered to what a cgroup v2 limit leaves (a container)."""
-    meminfo = tmp_path / "meminfo"
+def fake_cgroup(tmp_path, monkeypatch, own="/job/step"):
+    """A machine with /proc/meminfo and a cgroup v2 tree; this process in the group `own`."""
+    meminfo, proc_cgroup, root = tmp_path / "meminfo", tmp_path / "proc_cgroup", tmp_path / "cgroup"
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
-    cgroup = tmp_path / "cgroup"
-    cgroup.mkdir()
+    proc_cgroup.write_text(f"0::{own}\n")
+    (root / own.lstrip("/")).mkdir(parents=True)
     monkeypatch.setattr(vp, "MEMINFO", str(meminfo))
-    monkeypatch.setattr(vp, "CGROUP_MEMORY", str(cgroup))
+    monkeypatch.setattr(vp, "PROC_SELF_CGROUP", str(proc_cgroup))
+    monkeypatch.setattr(vp, "CGROUP_ROOT", str(root))
+    return meminfo, root
+
+
+def write_group(folder, limit, current, inactive_file=0, cpu=None):
+    (folder / "memory.max").write_text(f"{limit}\n")
+    (folder / "memory.current").write_text(f"{current}\n")
+    (folder / "memory.stat").write_text(f"anon 1\nfile {inactive_file + 5}\ninactive_file {inactive_file}\n")
+    if cpu is not None:
+        (folder / "cpu.max").write_text(f"{cpu}\n")
+
+
+def test_available_memory_follows_this_process_cgroup(tmp_path, monkeypatch):
+    """MemAvailable, lowered to what the tightest cgroup v2 limit on this process's own group or
+    the groups above it leaves, page cache that the kernel can drop (inactive_file) not counted."""
+    meminfo, root = fake_cgroup(tmp_path, monkeypatch)
+    gib = 2**30
     assert vp.available_memory() == 20000000 * 1024  # no cgroup files: the machine's
-    (cgroup / "memory.max").write_text("max\n")
-    (cgroup / "memory.current").write_text("123\n")
+    write_group(root / "job" / "step", "max", 123)
     assert vp.available_memory() == 20000000 * 1024  # no limit
-    (cgroup / "memory.max").write_text(f"{4 * 2**30}\n")
-    (cgroup / "memory.current").write_text(f"{2**30}\n")
-    assert vp.available_memory() == 3 * 2**30
+    write_group(root / "job" / "step", 4 * gib, 3 * gib, inactive_file=2 * gib)
+    assert vp.available_memory() == 3 * gib  # 1 GiB in use once the reclaimable cache is left out
+    write_group(root / "job", 2 * gib, gib)  # the job's limit is tighter than the step's
+    assert vp.available_memory() == gib
+    write_group(root, 64 * gib, 0)  # a cgroup namespace's root, or the machine's
+    assert vp.available_memory() == gib
     meminfo.write_text("garbage\n")
-    assert vp.available_memory() == 3 * 2**30
-    (cgroup / "memory.max").unlink()
+    assert vp.available_memory() == gib
+    for folder in (root, root / "job", root / "job" / "step"):
+        (folder / "memory.max").unlink()
     assert vp.available_memory() is None
+
+
+def test_usable_cores_follow_a_cpu_quota(tmp_path, monkeypatch):
+    """A container limited to 2.5 CPUs on a 64-core node: 3 usable cores, not 64."""
+    _, root = fake_cgroup(tmp_path, monkeypatch, own="/")
+    monkeypatch.setattr(vp.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert vp.usable_cores() == 64
+    write_group(root, "max", 0, cpu="max 100000")
+    assert vp.usable_cores() == 64
+    write_group(root, "max", 0, cpu="250000 100000")
+    assert vp.usable_cores() == 3
+    monkeypatch.setattr(vp.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert vp.usable_cores() == 2
 
 
 @pytest.mark.parametrize("sweep", [False, True])
