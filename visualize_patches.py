@@ -1672,10 +1672,10 @@ class PictureTasks:
         """The file `name`: the bytes given, or make(*args)'s (a PngPicture: encoded)."""
         data = make(*args) if callable(make) else make
         if isinstance(data, PngPicture):
-            if self.encoder is None:
+            if self.encoder is None or not self.slots.acquire(blocking=False):
+                # no helper, or it has PNG_QUEUE pictures to do already: encode this one here
                 data = encode_png_pixels(data.pixels, data.compress_level)
             else:
-                self.slots.acquire()
                 data = self.encoder.submit(self._encode, data)
         self.files[name] = data
 
