@@ -1581,8 +1581,9 @@ def overlay_name(patch_size: int) -> str:
     return f"importance_overlay_scale_{patch_size}.png"
 
 
-IMAGE_PICTURES = ("patches_visualization.jpg", "patches_thumbnail.jpg", "original_image.jpg", "resized_image.jpg")
-EXTRA_IMAGE_PICTURES = ("explorer.html", "summary_panel.png")  # and the importance overlays: apt_vis
+IMAGE_PICTURES = ("patches_visualization.jpg", "original_image.jpg", "resized_image.jpg")
+# apt_vis/pictures.py's, with the importance overlays (the thumbnail is the batch report's)
+EXTRA_IMAGE_PICTURES = ("explorer.html", "summary_panel.png", "patches_thumbnail.jpg")
 VIDEO_PICTURES = ("patches_visualization.mp4", "patches_visualization.gif", "patches_thumbnail.jpg")
 SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")
 
@@ -1726,7 +1727,8 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
         if pictures is not None:
             for ps in sizes[:2]:
                 tasks.add(overlay_name(ps), pictures.importance_overlay_picture, result, ps)
-        tasks.add("patches_thumbnail.jpg", _thumbnail_jpeg, result, options)
+        if pictures is not None:
+            tasks.add("patches_thumbnail.jpg", _thumbnail_jpeg, result, options)
         overlay, overlay_image = patch_overlay(result, options)
         tasks.add("patches_visualization.jpg", encode_jpeg, overlay_image)
         if pictures is not None:

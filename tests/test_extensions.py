@@ -35,7 +35,7 @@ def test_the_core_alone_analyses_a_photo_and_says_what_needs_the_package(tmp_pat
     assert proc.returncode == 0, proc.stderr
     written = {p.name for p in files_under(tmp_path / "out")}
     assert written == {"importance_map_scale_14.png", "importance_map_scale_28.png", "importance_map_scale_56.png",
-                       "patches_visualization.jpg", "patches_thumbnail.jpg", "original_image.jpg",
+                       "patches_visualization.jpg", "original_image.jpg",
                        "resized_image.jpg", "stats.json", "importance_maps.npz"}
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["patches_per_scale"] == {"14": 2876, "28": 275, "56": 14}  # the authors' figures
