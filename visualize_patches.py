@@ -204,7 +204,6 @@ OVERLAY_WEIGHT, OVERLAY_CELL_WEIGHT = 20, 11  # the importance colour covers 11/
 OVERLAY_ALPHA = OVERLAY_CELL_WEIGHT / OVERLAY_WEIGHT
 JPEG_QUALITY = 95
 THUMBNAIL_WIDTH = 240
-THUMBNAIL_MIN_CELL = 8  # px: thumbnails draw base patches' outlines only when they are this large
 # matplotlib's 'inferno' colormap (Nathaniel J. Smith and Stefan van der Walt,
 # CC0; matplotlib/_cm_listed.py) sampled at 256 levels as RGB hex; kept here so
 # that rendering needs no matplotlib import, and tested equal to matplotlib's.
@@ -856,41 +855,6 @@ def draw_patch_borders(
         palette = np.asarray(scale_colors, dtype=np.uint8)
         out[lines] = palette[scale_of[lines] % len(palette)]
     return out
-
-
-def draw_thumbnail_borders(
-    rgb: np.ndarray,
-    masks: Mapping[int, np.ndarray],
-    width: int,
-    height: int,
-    color: tuple[int, int, int] = BORDER_GREEN,
-    scale_colors: Sequence[tuple[int, int, int]] | None = None,
-) -> Image.Image:
-    """The patch overlay as a thumbnail that fits width x height: the (H, W, 3) uint8 image scaled
-    down first, then the chosen patches' outlines drawn 1 px wide at the thumbnail's scale.
-    (Scaling down a full-size overlay smears its borders into bands that hide a small picture.)
-    Where base patches would be under THUMBNAIL_MIN_CELL px, only the outlines of merged (larger)
-    patches are drawn: a grid that fine would cover the picture."""
-    thumb = _fit(Image.fromarray(rgb), width, height)
-    h, w = rgb.shape[:2]
-    ids, scale_of = patch_id_maps(masks, h, w)
-    rows = np.minimum(((np.arange(thumb.height) + 0.5) * h / thumb.height).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(thumb.width) + 0.5) * w / thumb.width).astype(np.int64), w - 1)
-    scales = scale_of[np.ix_(rows, cols)]  # each thumbnail pixel takes the patch under its centre
-    lines = border_mask(ids[np.ix_(rows, cols)], 1)
-    if min(masks) * thumb.width / w < THUMBNAIL_MIN_CELL:
-        merged = scales > 0
-        near = merged.copy()  # a line pixel lies in a merged patch or just after one
-        near[:, 1:] |= merged[:, :-1]
-        near[1:, :] |= merged[:-1, :]
-        lines &= near
-    out = np.array(thumb)
-    if scale_colors is None:
-        out[lines] = color
-    else:
-        palette = np.asarray(scale_colors, dtype=np.uint8)
-        out[lines] = palette[scales[lines] % len(palette)]
-    return Image.fromarray(out)
 
 
 def scale_palette(count: int) -> list[tuple[int, int, int]]:
@@ -1701,12 +1665,6 @@ def _heatmap_png(result: ImageResult, patch_size: int) -> PngPicture:
     return PngPicture(np.asarray(scale_heatmap(result, patch_size)), compress_level=1)
 
 
-def _thumbnail_jpeg(result: ImageResult, options: RenderOptions) -> bytes:
-    colors = scale_palette(result.settings.num_scales) if options.color_by_scale else None
-    return encode_jpeg(draw_thumbnail_borders(result.prepared.resized, result.masks, THUMBNAIL_WIDTH,
-                                              4 * THUMBNAIL_WIDTH, options.line_color, colors))
-
-
 def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> dict[str, bytes]:
     """All per-image outputs, encoded, keyed by file name. The order of the pictures keeps the
     PNG encoder thread busy (PictureTasks): the long PNGs early, between other work."""
@@ -1728,7 +1686,7 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
             for ps in sizes[:2]:
                 tasks.add(overlay_name(ps), pictures.importance_overlay_picture, result, ps)
         if pictures is not None:
-            tasks.add("patches_thumbnail.jpg", _thumbnail_jpeg, result, options)
+            tasks.add("patches_thumbnail.jpg", pictures.thumbnail_jpeg, result, options)
         overlay, overlay_image = patch_overlay(result, options)
         tasks.add("patches_visualization.jpg", encode_jpeg, overlay_image)
         if pictures is not None:

@@ -11,12 +11,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visualize_patches import (
-    MODEL_NAMES,
+    BORDER_GREEN,
     INFERNO,
+    MODEL_NAMES,
     OVERLAY_CELL_WEIGHT,
     OVERLAY_WEIGHT,
     PngPicture,
     SCORERS,
+    THUMBNAIL_WIDTH,
     _fit,
     _text_size,
     color_range,
@@ -25,10 +27,59 @@ from visualize_patches import (
     font,
     format_tick,
     nice_ticks,
+    border_mask,
+    encode_jpeg,
     one_line,
     patch_counts,
+    patch_id_maps,
+    scale_palette,
 )
 from apt_vis.pages import explorer_html
+
+
+THUMBNAIL_MIN_CELL = 8  # px: thumbnails draw base patches' outlines only when they are this large
+
+
+def draw_thumbnail_borders(
+    rgb: np.ndarray,
+    masks: Mapping[int, np.ndarray],
+    width: int,
+    height: int,
+    color: tuple[int, int, int] = BORDER_GREEN,
+    scale_colors: Sequence[tuple[int, int, int]] | None = None,
+) -> Image.Image:
+    """The patch overlay as a thumbnail that fits width x height: the (H, W, 3) uint8 image scaled
+    down first, then the chosen patches' outlines drawn 1 px wide at the thumbnail's scale.
+    (Scaling down a full-size overlay smears its borders into bands that hide a small picture.)
+    Where base patches would be under THUMBNAIL_MIN_CELL px, only the outlines of merged (larger)
+    patches are drawn: a grid that fine would cover the picture."""
+    thumb = _fit(Image.fromarray(rgb), width, height)
+    h, w = rgb.shape[:2]
+    ids, scale_of = patch_id_maps(masks, h, w)
+    rows = np.minimum(((np.arange(thumb.height) + 0.5) * h / thumb.height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(thumb.width) + 0.5) * w / thumb.width).astype(np.int64), w - 1)
+    scales = scale_of[np.ix_(rows, cols)]  # each thumbnail pixel takes the patch under its centre
+    lines = border_mask(ids[np.ix_(rows, cols)], 1)
+    if min(masks) * thumb.width / w < THUMBNAIL_MIN_CELL:
+        merged = scales > 0
+        near = merged.copy()  # a line pixel lies in a merged patch or just after one
+        near[:, 1:] |= merged[:, :-1]
+        near[1:, :] |= merged[:-1, :]
+        lines &= near
+    out = np.array(thumb)
+    if scale_colors is None:
+        out[lines] = color
+    else:
+        palette = np.asarray(scale_colors, dtype=np.uint8)
+        out[lines] = palette[scales[lines] % len(palette)]
+    return Image.fromarray(out)
+
+
+def thumbnail_jpeg(result, options) -> bytes:
+    """patches_thumbnail.jpg of one image, for the batch report (result: the core's ImageResult)."""
+    colors = scale_palette(result.settings.num_scales) if options.color_by_scale else None
+    return encode_jpeg(draw_thumbnail_borders(result.prepared.resized, result.masks, THUMBNAIL_WIDTH,
+                                              4 * THUMBNAIL_WIDTH, options.line_color, colors))
 
 
 STRIP_HEIGHT = 28  # px of the colour key under an importance overlay
