@@ -1446,11 +1446,31 @@ def compute_masks(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc():
+    """glibc, for malloc_trim and mallopt; None elsewhere."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both, or neither
     except (OSError, AttributeError):
         return None
+    return libc
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+KEEP_FREED_BYTES = 32 * 2**20  # glibc's largest default mmap threshold
+
+
+def keep_freed_memory() -> None:
+    """For a process that analyses input after input (the program, each batch worker; not a
+    notebook's): glibc hands freed blocks above its mmap threshold back to the system at once, and
+    the next image faults the same pages in again. Raising the mmap threshold to 32 MB and the trim
+    threshold to twice that keeps them for the next image (measured on 200 photos, --stats-only:
+    page faults 168,000 -> 17,000, 10 to 20 % less time, the same peak resident size);
+    release_free_memory() still trims every IMAGE_TRIM_EVERY images."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * KEEP_FREED_BYTES)
 
 
 IMAGE_TRIM_EVERY = 64  # images a process scores between two release_free_memory() trims
@@ -1468,9 +1488,9 @@ def release_free_memory(every: int = 1) -> None:
     stayed at 55 MB over 300 images), hence the spacing.
     """
     _TRIM_CALLS[0] += 1
-    trim = _malloc_trim()
-    if trim is not None and _TRIM_CALLS[0] % every == 0:
-        trim(0)
+    libc = _libc()
+    if libc is not None and _TRIM_CALLS[0] % every == 0:
+        libc.malloc_trim(0)
 
 
 def patch_counts(masks: Mapping[int, np.ndarray]) -> dict[int, int]:
@@ -2238,6 +2258,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = parsed[0]
     configure_logging("ERROR" if args.quiet else ("DEBUG" if args.verbose else "INFO"))
     gc.freeze()  # the imported modules live for the whole run: keep the collector from rescanning them
+    keep_freed_memory()
     with StopSignals() as signals:
         return run(*parsed, signals)
 

@@ -51,6 +51,7 @@ from visualize_patches import (
     encode_json,
     extension,
     finish_image,
+    keep_freed_memory,
     kind_of,
     prepare_image,
     reusable_stats,
@@ -350,6 +351,7 @@ def _worker_init(log_level: str | None, main_pid: int) -> None:
     # a forked worker starts with them blocked (Executor), so that the main process's handlers,
     # inherited until the lines above, never run here; a signal that came meanwhile is now ignored
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    keep_freed_memory()  # a fork server's worker does not inherit the program's setting
     _die_with(main_pid)
     if log_level is not None:  # this process is the tool's own: log as the main process does
         configure_logging(log_level)

@@ -31,6 +31,7 @@ from visualize_patches import (
     RenderOptions,
     Settings,
     ToolError,
+    keep_freed_memory,
     run_input,
     score_input,
 )
@@ -120,6 +121,7 @@ def _enter(folder: str) -> None:
     same) on every node; a Ray worker process serves one run only. The folder must be shared."""
     if os.getcwd() != folder and os.path.isdir(folder):
         os.chdir(folder)
+    keep_freed_memory()  # a Ray worker analyses input after input, as a batch worker does
 
 
 def _map(ray, jobs: Sequence[tuple[int, Job]], fn, fn_kwargs: dict, show_progress: bool,
