@@ -2110,9 +2110,12 @@ def parse_args(argv: Sequence[str] | None,
     if args.device == "cuda":
         try:
             extension("torch_backend")  # the CUDA path
-            require_torch("--device cuda")
         except ToolError as exc:
             parser.error(f"--device cuda: {exc}")
+        try:
+            require_torch("--device cuda")
+        except ToolError as exc:
+            parser.error(str(exc))
     if args.device == "cuda" and not cuda_available():
         parser.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
     if args.method != "entropy" and args.thresholds is None and args.target_ratio is None:

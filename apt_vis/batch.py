@@ -407,15 +407,20 @@ class Executor:
         meanwhile is delivered here, after the fork. If it interrupts (or anything fails), the
         workers already started are killed: nothing else knows of them, and the interpreter's
         exit would wait for them for good."""
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # this thread's mask, unchanged
         try:
             try:
+                signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a pending signal may raise here
                 self.pool.submit(os.getpid)
             finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one that came meanwhile: raised here
         except BaseException:
-            self.kill()
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # a second one waits for the cleanup
+            try:
+                self.kill()
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             raise
 
     def submit(self, fn: Callable, *args, job: Job | None = None) -> Future:

@@ -412,6 +412,8 @@ def test_processes_that_analyse_many_inputs_keep_freed_memory(monkeypatch):
     libc.calls.clear()
     monkeypatch.setattr(batch, "_die_with", lambda pid: None)
     monkeypatch.setattr(batch.signal, "signal", lambda *args: None)
+    monkeypatch.setattr(batch.signal, "pthread_sigmask", lambda *args: set())
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # or it would set this process's torch threads
     batch._worker_init(None, os.getpid())
     assert {p for p, _ in libc.calls} == {vp.M_MMAP_THRESHOLD, vp.M_TRIM_THRESHOLD}
     monkeypatch.setattr(vp, "_libc", lambda: None)

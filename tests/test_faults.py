@@ -375,3 +375,39 @@ def test_a_signal_before_a_forked_worker_is_set_up_does_not_reach_it(monkeypatch
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert pids and os.getpid() not in pids
+
+
+def test_a_signal_as_the_workers_fork_leaves_the_signal_mask_as_it_was(monkeypatch):
+    """A stop signal whose handler runs inside the call that blocks the stop signals (it came just
+    before) must not leave them blocked in this thread: main() leaves the process as it was."""
+    import multiprocessing
+
+    monkeypatch.setattr(apt_batch, "_fork_is_safe", lambda: True)
+    real_mask = signal.pthread_sigmask
+    state = {"raised": False}
+
+    def mask_then_interrupt(how, signals):
+        result = real_mask(how, signals)
+        if how == signal.SIG_BLOCK and set(signals) == set(vp.STOP_SIGNALS) and not state["raised"]:
+            state["raised"] = True
+            raise KeyboardInterrupt  # as the handler of a signal pending at this call would
+        return result
+
+    monkeypatch.setattr(apt_batch.signal, "pthread_sigmask", mask_then_interrupt)
+    before = real_mask(signal.SIG_BLOCK, ())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            apt_batch.Executor(2)
+        assert real_mask(signal.SIG_BLOCK, ()) == before
+        assert _live_children_after(5) == []
+    finally:
+        real_mask(signal.SIG_SETMASK, before)
+        for process in multiprocessing.active_children():
+            process.kill()
+
+
+def test_device_cuda_without_torch_is_one_plain_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(ValueError) as caught:
+        vp.parse_args([str(PEARL), "--device", "cuda"], raise_errors=True)
+    assert str(caught.value).startswith("--device cuda needs torch, which is not installed"), caught.value
