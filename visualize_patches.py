@@ -1915,6 +1915,22 @@ class StopSignals:
         finally:
             self.deferred = False
 
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Signals during the block are raised when it ends, as they would have been during it: a
+        few statements that must happen together (handing an input to the workers and noting it)."""
+        if self.deferred:  # already inside deferring(): that decides
+            yield
+            return
+        before = len(self.received)
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+        if before < 2 and len(self.received) > before:
+            raise KeyboardInterrupt
+
 
 # ---------------------------------------------------------------------------
 # 7. Command line

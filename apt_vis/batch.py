@@ -3,6 +3,7 @@ batch (--target-ratio), interrupts, and the summaries (summary.csv/json/png, rep
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -384,10 +385,11 @@ class Executor:
     interrupt those still running can be waited for and counted (drain), or killed (kill).
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, hold: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.workers = workers
         self.pool = None
         self.inflight: dict[Future, Job | None] = {}
+        self.hold = hold  # StopSignals.holding: a stop signal waits until a task is handed over and noted
         if workers > 1:
             fork = _fork_is_safe()
             logger.debug(f"{workers} workers forked from this process" if fork else
@@ -426,8 +428,9 @@ class Executor:
     def submit(self, fn: Callable, *args, job: Job | None = None) -> Future:
         """fn(*args); `job` marks a task whose success means that job's outputs are complete."""
         if self.pool is not None:
-            future = self.pool.submit(fn, *args)
-            self.inflight[future] = job
+            with self.hold():  # else a signal in between would lose a task that runs all the same
+                future = self.pool.submit(fn, *args)
+                self.inflight[future] = job
             return future
         future: Future = Future()
         try:
@@ -580,6 +583,7 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
         logger.error(reason)
     maps_of: dict[Job, list] = {}  # per job: maps of each image / temporal patch (for sweeps and targets)
     executor: Executor | None = None
+    started = time.time()
     progress = Progress(0, False)
 
     def record(job: Job, outcome: object) -> None:
@@ -597,7 +601,8 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
 
     try:
         try:
-            executor = Executor(workers if len(found.jobs) > 1 else 1)  # in here: a signal may come as it forks
+            # made in here: a signal may come as the workers fork
+            executor = Executor(workers if len(found.jobs) > 1 else 1, hold=signals.holding)
             signals.on_second = executor.kill
             if settings.target_ratio is not None:
                 # pass 1: every input's maps, so that one threshold serves the whole set
@@ -627,9 +632,7 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
         with signals.deferring():
             if executor is not None:
                 executor.shutdown(cancel=True)
-                for job in executor.unfinished():
-                    if job not in rows:
-                        discard_unfinished(job, out_root)
+                account_unfinished(executor.unfinished(), rows, out_root, settings, options, started)
             progress.close()
     with signals.deferring():
         ordered = [rows[j] for j in jobs if j in rows]
@@ -649,6 +652,25 @@ def run_batch(found: Discovery, out_root: Path, settings: Settings, options: Ren
     if signals.received:
         return signals.exit_code
     return EXIT_FAILURE if summary["images"]["failed"] else EXIT_OK
+
+
+def account_unfinished(unfinished: Sequence[Job], rows: dict, out_root: Path, settings: Settings,
+                       options: RenderOptions, started: float) -> None:
+    """After the workers were stopped: each input handed to them and not yet recorded either had
+    all its outputs in place, written by this run (its worker finished, its result was lost with
+    the kill): it is recorded as done; or what its worker left of it is removed."""
+    for job in unfinished:
+        if job in rows:
+            continue
+        stats = reusable_stats(job, settings, options)
+        try:
+            ours = stats is not None and (job.out_dir / "stats.json").stat().st_mtime >= started
+        except OSError:
+            ours = False
+        if ours:
+            rows[job] = summary_row(job, out_root, stats, "ok", pictures=not options.stats_only)
+        else:
+            discard_unfinished(job, out_root)
 
 
 def discard_unfinished(job: Job, out_root: Path) -> None:

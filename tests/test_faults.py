@@ -198,7 +198,9 @@ def test_one_ctrl_c_counts_every_finished_input(tmp_path, reaper):
 
 def test_a_second_run_on_the_same_output_stops_naming_the_first(tmp_path, reaper):
     root, out = many_photos(tmp_path / "in", 30), tmp_path / "out"
-    first = start(root, "-o", out, "--workers", "1", "--stats-only")
+    # every output, one worker: seconds of work, so that the first run still holds the lock when
+    # the second starts (--stats-only on 30 small photos now ends within the second's start-up)
+    first = start(root, "-o", out, "--workers", "1")
     reaper.append(first.pid)
     wait_until_working(first, out, done=1)
     second = run_cli(root, "-o", out, "--stats-only", "--thresholds", "5", "5")
@@ -411,3 +413,54 @@ def test_device_cuda_without_torch_is_one_plain_line(monkeypatch):
     with pytest.raises(ValueError) as caught:
         vp.parse_args([str(PEARL), "--device", "cuda"], raise_errors=True)
     assert str(caught.value).startswith("--device cuda needs torch, which is not installed"), caught.value
+
+
+def test_an_input_submitted_as_a_signal_arrives_is_still_counted(monkeypatch):
+    """A stop signal that arrives while an input is being handed to the workers (queued, but not
+    yet registered as in flight) must not lose it: the input runs and writes its folder, so the
+    interrupted run's summary must count it (seen in CI: a complete folder missing from
+    summary.csv). The signal is raised once the hand-over is complete."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    signals = vp.StopSignals()
+    submit = ProcessPoolExecutor.submit
+
+    def submit_then_signal(self, fn, *args, **kwargs):
+        future = submit(self, fn, *args, **kwargs)
+        if fn is not os.getpid:
+            signals._handle(signal.SIGINT, None)  # as if Ctrl-C came now
+        return future
+
+    monkeypatch.setattr(ProcessPoolExecutor, "submit", submit_then_signal)
+    executor = apt_batch.Executor(2, hold=signals.holding)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            executor.submit(time.sleep, 0.1, job="an input")
+        assert list(executor.inflight.values()) == ["an input"]
+        (future,) = executor.inflight
+        drained = [job for job, _ in executor.drain()]
+        assert drained == ["an input"] or future.cancelled()  # it ran and is counted, or never runs
+    finally:
+        executor.shutdown()
+
+
+def test_an_input_its_worker_finished_just_before_the_kill_is_counted(tmp_path):
+    """A second Ctrl-C kills the workers; an input whose worker had already put all its outputs in
+    place (stats.json last) before the kill, while its result was still on the way, is complete:
+    it is counted, not left uncounted beside the summary. Folders a run before this one wrote are
+    not this run's work: they are not counted."""
+    settings, options = vp.Settings(), vp.RenderOptions(stats_only=True)
+    out = tmp_path / "out"
+    started = time.time()
+    jobs = [vp.Job(PEARL, name, out / name, "image") for name in ("finished", "killed", "older")]
+    vp.run_input(jobs[0], settings, options)  # finished by its worker: only the result was lost
+    vp.run_input(jobs[2], settings, options)
+    old = started - 3600
+    for path in (jobs[2].out_dir).iterdir():
+        os.utime(path, (old, old))
+    (jobs[1].out_dir / f"{vp.STAGING_PREFIX}x").mkdir(parents=True)  # killed while writing
+    rows = {}
+    apt_batch.account_unfinished(jobs, rows, out, settings, options, started)
+    assert set(rows) == {jobs[0]} and rows[jobs[0]]["status"] == "ok"
+    assert not jobs[1].out_dir.exists()  # its staging folder and the folder made for it: removed
+    assert (jobs[2].out_dir / "stats.json").exists()  # an earlier run's outputs: left as they were
