@@ -180,7 +180,8 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
 
 
 def test_one_ctrl_c_counts_every_finished_input(tmp_path, reaper):
-    root, out = many_photos(tmp_path / "in", 40), tmp_path / "out"
+    # enough work that the signal comes while it runs: 40 small photos, --stats-only, take about 0.2 s now
+    root, out = many_photos(tmp_path / "in", 80, size=(640, 640)), tmp_path / "out"
     proc = start(root, "-o", out, "--workers", "2", "--stats-only")
     reaper.extend(wait_until_working(proc, out, done=4, workers=2))
     os.killpg(proc.pid, signal.SIGINT)
