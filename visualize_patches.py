@@ -1640,7 +1640,7 @@ class PictureTasks:
     def __init__(self, encoder: bool = True) -> None:
         self.files: dict[str, object] = {}
         self.encoder = None
-        if encoder and usable_cores() > 1 and not _in_worker_process():
+        if encoder and not _in_worker_process() and usable_cores() > 1:  # workers: no file reads per image
             from concurrent.futures import ThreadPoolExecutor
 
             self.encoder = ThreadPoolExecutor(1, thread_name_prefix="png")
