@@ -86,7 +86,9 @@ def main() -> int:
     sys.path.insert(0, str(TOOL.parent))
     import visualize_patches as vp
 
-    workers = vp.default_workers()
+    from apt_vis.machine import default_workers
+
+    workers = default_workers()
     settings = vp.Settings()
     with tempfile.TemporaryDirectory(prefix="apt-bench-") as tmp:
         work = Path(tmp)

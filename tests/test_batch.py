@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 import visualize_patches as vp
+from apt_vis import machine
 from conftest import PEARL, TOOL, run_cli, sample_photo
 
 
@@ -303,15 +304,15 @@ def test_the_program_forks_its_workers(tmp_path):
 def test_default_workers_follow_the_cores_within_the_memory(monkeypatch):
     """--workers' default: one per usable core, however many (no fixed cap), as long as each
     gets WORKER_MEMORY_BUDGET of the available memory; at least one."""
-    budget = vp.WORKER_MEMORY_BUDGET
-    monkeypatch.setattr(vp.os, "sched_getaffinity", lambda pid: set(range(64)))
+    budget = machine.WORKER_MEMORY_BUDGET
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(64)))
     for available, expected in ((None, 64), (1000 * budget, 64), (8 * budget + budget // 2, 8),
                                 (budget // 3, 1)):
-        monkeypatch.setattr(vp, "available_memory", lambda available=available: available)
-        assert vp.default_workers() == expected, available
-    monkeypatch.setattr(vp.os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(vp, "available_memory", lambda: 1000 * budget)
-    assert vp.default_workers() == 2
+        monkeypatch.setattr(machine, "available_memory", lambda available=available: available)
+        assert machine.default_workers() == expected, available
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(machine, "available_memory", lambda: 1000 * budget)
+    assert machine.default_workers() == 2
 
 
 def fake_cgroup(tmp_path, monkeypatch, own="/job/step"):
@@ -320,9 +321,9 @@ def fake_cgroup(tmp_path, monkeypatch, own="/job/step"):
     meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
     proc_cgroup.write_text(f"0::{own}\n")
     (root / own.lstrip("/")).mkdir(parents=True)
-    monkeypatch.setattr(vp, "MEMINFO", str(meminfo))
-    monkeypatch.setattr(vp, "PROC_SELF_CGROUP", str(proc_cgroup))
-    monkeypatch.setattr(vp, "CGROUP_ROOT", str(root))
+    monkeypatch.setattr(machine, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(machine, "PROC_SELF_CGROUP", str(proc_cgroup))
+    monkeypatch.setattr(machine, "CGROUP_ROOT", str(root))
     return meminfo, root
 
 
@@ -339,33 +340,33 @@ def test_available_memory_follows_this_process_cgroup(tmp_path, monkeypatch):
     the groups above it leaves, page cache that the kernel can drop (inactive_file) not counted."""
     meminfo, root = fake_cgroup(tmp_path, monkeypatch)
     gib = 2**30
-    assert vp.available_memory() == 20000000 * 1024  # no cgroup files: the machine's
+    assert machine.available_memory() == 20000000 * 1024  # no cgroup files: the machine's
     write_group(root / "job" / "step", "max", 123)
-    assert vp.available_memory() == 20000000 * 1024  # no limit
+    assert machine.available_memory() == 20000000 * 1024  # no limit
     write_group(root / "job" / "step", 4 * gib, 3 * gib, inactive_file=2 * gib)
-    assert vp.available_memory() == 3 * gib  # 1 GiB in use once the reclaimable cache is left out
+    assert machine.available_memory() == 3 * gib  # 1 GiB in use once the reclaimable cache is left out
     write_group(root / "job", 2 * gib, gib)  # the job's limit is tighter than the step's
-    assert vp.available_memory() == gib
+    assert machine.available_memory() == gib
     write_group(root, 64 * gib, 0)  # a cgroup namespace's root, or the machine's
-    assert vp.available_memory() == gib
+    assert machine.available_memory() == gib
     meminfo.write_text("garbage\n")
-    assert vp.available_memory() == gib
+    assert machine.available_memory() == gib
     for folder in (root, root / "job", root / "job" / "step"):
         (folder / "memory.max").unlink()
-    assert vp.available_memory() is None
+    assert machine.available_memory() is None
 
 
 def test_usable_cores_follow_a_cpu_quota(tmp_path, monkeypatch):
     """A container limited to 2.5 CPUs on a 64-core node: 3 usable cores, not 64."""
     _, root = fake_cgroup(tmp_path, monkeypatch, own="/")
-    monkeypatch.setattr(vp.os, "sched_getaffinity", lambda pid: set(range(64)))
-    assert vp.usable_cores() == 64
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert machine.usable_cores() == 64
     write_group(root, "max", 0, cpu="max 100000")
-    assert vp.usable_cores() == 64
+    assert machine.usable_cores() == 64
     write_group(root, "max", 0, cpu="250000 100000")
-    assert vp.usable_cores() == 3
-    monkeypatch.setattr(vp.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert vp.usable_cores() == 2
+    assert machine.usable_cores() == 3
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert machine.usable_cores() == 2
 
 
 @pytest.mark.parametrize("sweep", [False, True])

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import visualize_patches as vp
+from apt_vis import machine
 
 SIZES = (14, 28, 56)
 EXPECTED_FILES = {f"importance_map_scale_{s}.png" for s in SIZES} | {
@@ -185,7 +186,7 @@ def test_pngs_encoded_on_a_thread_are_the_ones_encoded_in_order(monkeypatch, tmp
     encoding in order (one core, or a batch worker): both forced here, whatever this machine has."""
     written = {}
     for cores in (1, 2):
-        monkeypatch.setattr(vp, "usable_cores", lambda cores=cores: cores)
+        monkeypatch.setattr(machine, "usable_cores", lambda cores=cores: cores)
         with vp.PictureTasks() as tasks:
             assert (tasks.encoder is not None) == (cores > 1)
         assert vp.main([str(vp.sample_image_path()), "-o", str(tmp_path / str(cores)), "-q"]) == 0
