@@ -70,7 +70,6 @@ if __name__ == "__main__":
 
 import argparse
 import csv
-import ctypes
 import fcntl
 import functools
 import gc
@@ -1438,52 +1437,12 @@ def compute_masks(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -
     return select_patches_np(maps, thresholds)
 
 
-@functools.lru_cache(maxsize=1)
-def _libc():
-    """glibc, for malloc_trim and mallopt; None elsewhere."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim, libc.mallopt  # noqa: B018 - both, or neither
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-KEEP_FREED_BYTES = 32 * 2**20  # glibc's largest default mmap threshold
-
-
-def keep_freed_memory() -> None:
-    """For a process that analyses input after input (the program, each batch worker; not a
-    notebook's): glibc hands freed blocks above its mmap threshold back to the system at once, and
-    the next image faults the same pages in again. Raising the mmap threshold to 32 MB and the trim
-    threshold to twice that keeps them for the next image (measured on 200 photos, --stats-only:
-    page faults 168,000 -> 17,000, 10 to 20 % less time, the same peak resident size);
-    release_free_memory() still trims every IMAGE_TRIM_EVERY images."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
-        libc.mallopt(M_TRIM_THRESHOLD, 2 * KEEP_FREED_BYTES)
-
-
-IMAGE_TRIM_EVERY = 64  # images a process scores between two release_free_memory() trims
-_TRIM_CALLS = [0]
-
-
-def release_free_memory(every: int = 1) -> None:
-    """Give the heap's free pages back to the system (glibc's malloc_trim; no-op elsewhere), on
-    every `every`-th call only.
-
-    Scoring input after input in one process can fragment glibc's heap and let the resident size
-    creep up (measured with torch: about 0.6 MB per image or temporal patch). A trim is not free:
-    the pages it returns fault back in on the next image (measured on 100 photos, trimming after
-    each image made a --stats-only worker 25 % slower than never trimming, whose resident size
-    stayed at 55 MB over 300 images), hence the spacing.
-    """
-    _TRIM_CALLS[0] += 1
-    libc = _libc()
-    if libc is not None and _TRIM_CALLS[0] % every == 0:
-        libc.malloc_trim(0)
+def between_images() -> None:
+    """What a process that analyses input after input does between two: apt_vis.machine trims the
+    heap every IMAGE_TRIM_EVERY images (the core alone analyses one image a run)."""
+    if has_extensions():
+        machine = extension("machine")
+        machine.release_free_memory(every=machine.IMAGE_TRIM_EVERY)
 
 
 def patch_counts(masks: Mapping[int, np.ndarray]) -> dict[int, int]:
@@ -1759,7 +1718,7 @@ def score_input(job: Job, settings: Settings, scorer: Scorer = CPU) -> list[dict
         return extension("video").video_tube_maps(job, settings, scorer)
     prepared = prepare_image(job, settings, pictures=False)
     maps = scorer.maps([prepared.resized], settings)
-    release_free_memory(every=IMAGE_TRIM_EVERY)
+    between_images()
     return maps
 
 
@@ -1778,7 +1737,7 @@ def run_input(job: Job, settings: Settings, options: RenderOptions, scorer: Scor
     watch = Stopwatch()
     image_maps = maps[0] if maps else scorer.maps([prepared.resized], settings)[0]
     result = analyse(prepared, image_maps, settings, scorer.device)
-    release_free_memory(every=IMAGE_TRIM_EVERY)
+    between_images()
     watch.lap("importance")
     prepared.timings.update(watch.ms)
     return Outcome(finish_image(result, options), [image_maps])
@@ -2195,7 +2154,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     args = parsed[0]
     configure_logging("ERROR" if args.quiet else ("DEBUG" if args.verbose else "INFO"))
     gc.freeze()  # the imported modules live for the whole run: keep the collector from rescanning them
-    keep_freed_memory()
+    if has_extensions():
+        extension("machine").keep_freed_memory()
     with StopSignals() as signals:
         return run(*parsed, signals)
 

@@ -52,7 +52,6 @@ from visualize_patches import (
     encode_json,
     extension,
     finish_image,
-    keep_freed_memory,
     kind_of,
     prepare_image,
     reusable_stats,
@@ -60,6 +59,7 @@ from visualize_patches import (
     score_input,
     write_files,
 )
+from apt_vis.machine import keep_freed_memory
 from apt_vis.datasets import container_jobs, container_kind, expand_braces
 from apt_vis.pictures import render_batch_summary_plot
 from apt_vis.thresholds import resolve_thresholds, sweep_files

@@ -1,8 +1,11 @@
 """What this machine gives the tool: usable CPU cores and available memory, cgroup v2 limits
-included, hence --workers' default. No import of the core: cheap enough for every start-up."""
+included, hence --workers' default; and the heap of a process that analyses input after input
+(glibc's thresholds, trims). No import of the core: cheap enough for every start-up."""
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 from pathlib import Path
@@ -90,3 +93,51 @@ def default_workers() -> int:
     if memory is not None:
         workers = min(workers, memory // WORKER_MEMORY_BUDGET)
     return max(1, workers)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
+    """glibc, for malloc_trim and mallopt; None elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both, or neither
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+KEEP_FREED_BYTES = 32 * 2**20  # glibc's largest default mmap threshold
+
+
+def keep_freed_memory() -> None:
+    """For a process that analyses input after input (the program, each batch worker; not a
+    notebook's): glibc hands freed blocks above its mmap threshold back to the system at once, and
+    the next image faults the same pages in again. Raising the mmap threshold to 32 MB and the trim
+    threshold to twice that keeps them for the next image (measured on 200 photos, --stats-only:
+    page faults 168,000 -> 17,000, 10 to 20 % less time, the same peak resident size);
+    release_free_memory() still trims every IMAGE_TRIM_EVERY images."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, KEEP_FREED_BYTES)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * KEEP_FREED_BYTES)
+
+
+IMAGE_TRIM_EVERY = 64  # images a process scores between two release_free_memory() trims
+_TRIM_CALLS = [0]
+
+
+def release_free_memory(every: int = 1) -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim; no-op elsewhere), on
+    every `every`-th call only.
+
+    Scoring input after input in one process can fragment glibc's heap and let the resident size
+    creep up (measured with torch: about 0.6 MB per image or temporal patch). A trim is not free:
+    the pages it returns fault back in on the next image (measured on 100 photos, trimming after
+    each image made a --stats-only worker 25 % slower than never trimming, whose resident size
+    stayed at 55 MB over 300 images), hence the spacing.
+    """
+    _TRIM_CALLS[0] += 1
+    libc = _libc()
+    if libc is not None and _TRIM_CALLS[0] % every == 0:
+        libc.malloc_trim(0)

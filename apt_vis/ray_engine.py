@@ -31,12 +31,12 @@ from visualize_patches import (
     RenderOptions,
     Settings,
     ToolError,
-    keep_freed_memory,
     run_input,
     score_input,
 )
 from apt_vis.batch import Progress, _stored_maps, failure_text, summarize, summary_row, write_summaries
 from apt_vis.thresholds import SharedThresholdCounts, choose_shared_threshold, sweep_files
+from apt_vis.machine import keep_freed_memory
 
 RAY_HINT = "pip install 'ray[data]' (or pip install 'visualize-patches[ray]')"
 BATCH_SIZE = 4  # inputs per map_batches call

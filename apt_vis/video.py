@@ -39,7 +39,6 @@ from visualize_patches import (
     encode_npz,
     one_line,
     patch_counts,
-    release_free_memory,
     require_torch,
     scale_palette,
     smart_resize,
@@ -49,6 +48,7 @@ from visualize_patches import (
 
 from apt_vis.batch import Progress
 from apt_vis.pictures import _gradient_strip
+from apt_vis.machine import release_free_memory
 from apt_vis.thresholds import sweep_files
 
 # Which transformers video processor a model's videos follow: frame sampling and sizing differ.

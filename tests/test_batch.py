@@ -407,15 +407,16 @@ def test_processes_that_analyse_many_inputs_keep_freed_memory(monkeypatch):
     from apt_vis import batch
 
     libc = FakeLibc()
-    monkeypatch.setattr(vp, "_libc", lambda: libc)
-    vp.keep_freed_memory()
-    assert dict(libc.calls) == {vp.M_MMAP_THRESHOLD: vp.KEEP_FREED_BYTES, vp.M_TRIM_THRESHOLD: 2 * vp.KEEP_FREED_BYTES}
+    monkeypatch.setattr(machine, "_libc", lambda: libc)
+    machine.keep_freed_memory()
+    assert dict(libc.calls) == {machine.M_MMAP_THRESHOLD: machine.KEEP_FREED_BYTES,
+                                machine.M_TRIM_THRESHOLD: 2 * machine.KEEP_FREED_BYTES}
     libc.calls.clear()
     monkeypatch.setattr(batch, "_die_with", lambda pid: None)
     monkeypatch.setattr(batch.signal, "signal", lambda *args: None)
     monkeypatch.setattr(batch.signal, "pthread_sigmask", lambda *args: set())
     monkeypatch.delitem(sys.modules, "torch", raising=False)  # or it would set this process's torch threads
     batch._worker_init(None, os.getpid())
-    assert {p for p, _ in libc.calls} == {vp.M_MMAP_THRESHOLD, vp.M_TRIM_THRESHOLD}
-    monkeypatch.setattr(vp, "_libc", lambda: None)
-    vp.keep_freed_memory()  # no glibc: nothing to do, no error
+    assert {p for p, _ in libc.calls} == {machine.M_MMAP_THRESHOLD, machine.M_TRIM_THRESHOLD}
+    monkeypatch.setattr(machine, "_libc", lambda: None)
+    machine.keep_freed_memory()  # no glibc: nothing to do, no error
