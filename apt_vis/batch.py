@@ -456,10 +456,10 @@ class Executor:
         return [job for job in self.inflight.values() if job is not None]
 
     def kill(self) -> None:
-        """End every worker at once (the second Ctrl-C)."""
-        if self.pool is not None:
-            for process in list(self.pool._processes.values()):  # noqa: SLF001 - no public handle
-                process.kill()
+        """End every worker at once (the second Ctrl-C); nothing once the pool is shut down."""
+        processes = getattr(self.pool, "_processes", None) or {}  # noqa: SLF001 - no public handle; None after shutdown
+        for process in list(processes.values()):
+            process.kill()
 
     def shutdown(self, cancel: bool = False) -> None:
         if self.pool is not None:

@@ -465,3 +465,13 @@ def test_an_input_its_worker_finished_just_before_the_kill_is_counted(tmp_path):
     assert set(rows) == {jobs[0]} and rows[jobs[0]]["status"] == "ok"
     assert not jobs[1].out_dir.exists()  # its staging folder and the folder made for it: removed
     assert (jobs[2].out_dir / "stats.json").exists()  # an earlier run's outputs: left as they were
+
+
+def test_a_second_signal_after_the_workers_are_shut_down_is_harmless():
+    """The second Ctrl-C kills the workers (Executor.kill); when it comes while the summaries are
+    written, the pool is already shut down, and the kill must be a no-op, not a traceback (seen
+    in a clean-clone run: AttributeError in kill)."""
+    executor = apt_batch.Executor(2)
+    assert executor.submit(os.getpid).result(timeout=30) != os.getpid()
+    executor.shutdown()
+    executor.kill()
