@@ -93,6 +93,11 @@ import numpy as np
 from loguru import logger
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
+try:  # ISA-L's deflate: the same zlib streams, about 4x faster at level 1 (README "Performance")
+    from isal import isal_zlib as fast_zlib
+except ImportError:  # the core copied alone, without the requirements: the standard library's
+    fast_zlib = None
+
 __version__ = "1.0.0"
 
 # ---------------------------------------------------------------------------
@@ -1034,15 +1039,23 @@ def encode_png(image: Image.Image, compress_level: int = 3) -> bytes:
     return encode_png_pixels(np.asarray(image), compress_level)
 
 
+def _deflater(compress_level: int):
+    """A deflate stream at zlib's compress_level (0-9): ISA-L's when installed (levels 1-3 are its
+    0-3 scale's fast end; above 3, its best, 3), else zlib's."""
+    if fast_zlib is None or compress_level == 0:  # 0: stored, which ISA-L has not
+        return zlib.compressobj(compress_level)
+    return fast_zlib.compressobj(min(compress_level, 3))
+
+
 def encode_png_pixels(pixels: np.ndarray, compress_level: int = 3) -> bytes:
     """(H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> lossless PNG bytes. Every row is
-    'Up'-filtered (numpy) and deflated (zlib), both with the GIL released, so that threads
-    encode pictures in parallel; about as small as PIL's per-row filter choice, in about half
-    the time."""
+    'Up'-filtered (numpy) and deflated (_deflater), both with the GIL released, so that threads
+    encode pictures in parallel; about as small as PIL's per-row filter choice, in a quarter of
+    the time with ISA-L (half with zlib)."""
     height, width = pixels.shape[:2]
     color_type = PNG_COLOR_TYPES["L" if pixels.ndim == 2 else {3: "RGB", 4: "RGBA"}[pixels.shape[2]]]
     flat = pixels.reshape(height, -1)
-    deflate = zlib.compressobj(compress_level)
+    deflate = _deflater(compress_level)
     parts = []
     for y in range(0, height, PNG_ROWS_PER_CHUNK):
         n = min(PNG_ROWS_PER_CHUNK, height - y)

@@ -160,9 +160,15 @@ def test_borders_color_by_scale():
 
 @pytest.mark.parametrize("mode, shape", [("RGB", (37, 23, 3)), ("RGB", (1, 5, 3)), ("L", (9, 1)),
                                          ("RGBA", (6, 7, 4)), ("RGB", (300, 211, 3))])
-@pytest.mark.parametrize("level", [0, 1, 9])
-def test_encode_png_is_lossless(mode, shape, level):
-    """encode_png's own writer (8-bit L/RGB/RGBA), decoded by PIL: the same mode and pixels."""
+@pytest.mark.parametrize("level", [0, 1, 3, 9])
+@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+def test_encode_png_is_lossless(mode, shape, level, deflate, monkeypatch):
+    """encode_png's own writer (8-bit L/RGB/RGBA), decoded by PIL: the same mode and pixels, with
+    ISA-L's deflate (a requirement) and with zlib's (the core copied alone)."""
+    if deflate == "zlib":
+        monkeypatch.setattr(vp, "fast_zlib", None)
+    else:
+        assert vp.fast_zlib is not None, "isal is in requirements.txt"
     rng = np.random.default_rng(sum(shape) + level)
     pixels = rng.integers(0, 256, shape, dtype=np.uint8)
     pixels[len(pixels) // 2:] = pixels[0]  # repeated rows, as flat colours give
