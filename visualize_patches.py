@@ -57,6 +57,10 @@ if __name__ == "__main__":
     _spec = importlib.util.spec_from_file_location("visualize_patches", __file__)
     _core = importlib.util.module_from_spec(_spec)
     sys.modules["visualize_patches"] = _core
+    # cli() replaces loguru's default stderr handler with its own: without it loguru's import does
+    # not add the one (each handler costs 5 ms). Only for this import: workers configure their own.
+    _autoinit = os.environ.get("LOGURU_AUTOINIT")
+    os.environ["LOGURU_AUTOINIT"] = "False"
     try:  # this file's code, compiled once already to run as __main__: run it again, not compile it again
         exec(sys._getframe(0).f_code, _core.__dict__)
     except ModuleNotFoundError as _missing:
@@ -66,6 +70,11 @@ if __name__ == "__main__":
         sys.stderr.write("ERROR   torch is not installed: pip install torch (CPU only: pip install torch "
                          "--index-url https://download.pytorch.org/whl/cpu); see the README's Set-up\n")
         sys.exit(1)
+    finally:
+        if _autoinit is None:
+            del os.environ["LOGURU_AUTOINIT"]
+        else:
+            os.environ["LOGURU_AUTOINIT"] = _autoinit
     sys.exit(_core.cli())
 
 import argparse
@@ -208,6 +217,7 @@ OVERLAY_WEIGHT, OVERLAY_CELL_WEIGHT = 20, 11  # the importance colour covers 11/
 OVERLAY_ALPHA = OVERLAY_CELL_WEIGHT / OVERLAY_WEIGHT
 JPEG_QUALITY = 95
 THUMBNAIL_WIDTH = 240
+PANEL_TILE = (340, 380)  # (w, h) box of each picture in summary_panel.png (apt_vis/pictures.py)
 # matplotlib's 'inferno' colormap (Nathaniel J. Smith and Stefan van der Walt,
 # CC0; matplotlib/_cm_listed.py) sampled at 256 levels as RGB hex; kept here so
 # that rendering needs no matplotlib import, and tested equal to matplotlib's.
@@ -1375,8 +1385,9 @@ def prepare_loaded(job: Job, original: Image.Image, settings: Settings, pictures
 
 
 def original_pictures(original: Image.Image) -> tuple[bytes, Image.Image]:
-    """original_image.jpg and the summary panel's small copy of the original."""
-    return encode_jpeg(original), _fit(original, 680, 760)
+    """original_image.jpg and the summary panel's copy of the original, at the panel's size (one
+    resize from the full image)."""
+    return encode_jpeg(original), _fit(original, *PANEL_TILE)
 
 
 class Scorer:

@@ -16,6 +16,7 @@ from visualize_patches import (
     MODEL_NAMES,
     OVERLAY_CELL_WEIGHT,
     OVERLAY_WEIGHT,
+    PANEL_TILE,
     PngPicture,
     SCORERS,
     THUMBNAIL_WIDTH,
@@ -155,7 +156,7 @@ def render_summary_panel(
 
     original: a (possibly downscaled) copy of the input, original_size its true (W, H).
     """
-    tile_w, tile_h, gap, head = 340, 380, 16, 46
+    (tile_w, tile_h), gap, head = PANEL_TILE, 16, 46
     sizes = sorted(maps)
     columns = max(3, len(sizes))
     width = columns * tile_w + (columns + 1) * gap
