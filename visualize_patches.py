@@ -1162,8 +1162,9 @@ class staged_output:
     def __enter__(self) -> Path:
         try:
             self.created = _make_folders(self.out_dir)
-            for stale in self.out_dir.glob(f"{STAGING_PREFIX}*"):
-                shutil.rmtree(stale, ignore_errors=True)
+            if not self.created:  # a folder made just now holds nothing stale
+                for stale in self.out_dir.glob(f"{STAGING_PREFIX}*"):
+                    shutil.rmtree(stale, ignore_errors=True)
             self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
         except OSError as exc:
             _remove_empty_folders(self.created)
@@ -1174,7 +1175,7 @@ class staged_output:
         try:
             if exc_type is None:
                 items = sorted(self.staging.iterdir(), key=lambda item: (item.name == "stats.json", item.name))
-                if items and items[-1].name == "stats.json":
+                if items and items[-1].name == "stats.json" and not self.created:
                     (self.out_dir / "stats.json").unlink(missing_ok=True)
                 for item in items:
                     os.replace(item, self.out_dir / item.name)
@@ -1183,7 +1184,10 @@ class staged_output:
         except OSError as err:
             raise ToolError(f"{self.out_dir}: writing {self.what} failed ({err.strerror or err})") from None
         finally:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            try:
+                os.rmdir(self.staging)  # empty after the renames: one call, not rmtree's walk
+            except OSError:
+                shutil.rmtree(self.staging, ignore_errors=True)
             if exc_type is not None:
                 _remove_empty_folders(self.created)
 

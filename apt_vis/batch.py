@@ -61,7 +61,7 @@ from visualize_patches import (
 )
 from apt_vis.machine import keep_freed_memory
 from apt_vis.datasets import container_jobs, container_kind, expand_braces
-from apt_vis.pictures import render_batch_summary_plot
+from apt_vis.pictures import median, percentile, render_batch_summary_plot
 from apt_vis.thresholds import resolve_thresholds, sweep_files
 
 
@@ -504,8 +504,8 @@ def summarize(rows: Sequence[Mapping], skipped: int, settings: Settings,
     ratio_stats = None
     if done:
         ratio_stats = {
-            "mean": float(ratios.mean()), "median": float(np.median(ratios)),
-            "p10": float(np.percentile(ratios, 10)), "p90": float(np.percentile(ratios, 90)),
+            "mean": float(ratios.mean()), "median": float(median(ratios.tolist())),
+            "p10": float(percentile(ratios.tolist(), 10)), "p90": float(percentile(ratios.tolist(), 90)),
             "min": float(ratios.min()), "max": float(ratios.max()),
             "overall": totals["apt_patches"] / max(1, totals["uniform_patches"]),
         }

@@ -4,6 +4,7 @@ panel and the batch summary plot (pure: arrays in, images or PNG bytes out)."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -281,6 +282,25 @@ class _Axes:
             self.text((left + 42, y), label, 13, "lm")
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """numpy.percentile(values, q) (its default 'linear' method), to the last bit: the same
+    index, fraction and interpolation. numpy's calls np.unique, whose first call imports numpy.ma
+    (8 ms of every batch run)."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * (q / 100)
+    below = math.floor(position)
+    fraction = position - below
+    a, b = ordered[below], ordered[min(below + 1, len(ordered) - 1)]
+    return b - (b - a) * (1 - fraction) if fraction >= 0.5 else a + (b - a) * fraction
+
+
+def median(values: Sequence[float]) -> float:
+    """numpy.median(values), to the last bit (the middle value, or the mean of the middle two)."""
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str, model_name: str) -> bytes:
     """Retained-ratio histogram and APT vs uniform patches per image (PNG bytes), drawn with PIL."""
     ok = [r for r in rows if r["status"] in ("ok", "reused")]
@@ -302,7 +322,7 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str, mod
             draw.rectangle([xa, ya, xb, yb], fill=HIST_RGB, outline=(255, 255, 255), width=s)
     entries = []
     if ratios.size:
-        for value, name, dash in ((ratios.mean(), "mean", None), (np.median(ratios), "median", 5.0)):
+        for value, name, dash in ((ratios.mean(), "mean", None), (median(ratios.tolist()), "median", 5.0)):
             left.line((value, 0), (value, count_top), (0, 0, 0), width=2, dash=dash)
             entries.append((f"{name} {value:.3f}", (0, 0, 0), dash))
     left.frame(f"Retained ratio over {ratios.size} images", "retained ratio (APT patches / uniform patches)",
@@ -331,7 +351,7 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str, mod
                 "APT patches", nice_ticks(0, top, 7), nice_ticks(0, top, 7))
     if entries:
         right.legend("left", entries)
-    return encode_png(canvas.resize(PLOT_SIZE, Image.Resampling.BOX), compress_level=6)
+    return encode_png(canvas.reduce(s), compress_level=6)  # = resize(PLOT_SIZE, BOX) within 1 level, 4x faster
 
 
 def importance_overlay_picture(result, patch_size: int) -> PngPicture:

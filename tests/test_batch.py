@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import visualize_patches as vp
@@ -420,3 +422,16 @@ def test_processes_that_analyse_many_inputs_keep_freed_memory(monkeypatch):
     assert {p for p, _ in libc.calls} == {machine.M_MMAP_THRESHOLD, machine.M_TRIM_THRESHOLD}
     monkeypatch.setattr(machine, "_libc", lambda: None)
     machine.keep_freed_memory()  # no glibc: nothing to do, no error
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=40),
+       st.sampled_from([0, 10, 25, 50, 90, 100]))
+def test_percentile_is_numpys(values, q):
+    """summary.json's p10/median/p90 and the batch plot's median: numpy's values exactly (its
+    'linear' percentile, its median), computed without np.unique, whose first call imports
+    numpy.ma (8 ms of every batch run)."""
+    from apt_vis.pictures import median, percentile
+
+    assert percentile(values, q) == np.percentile(np.array(values), q)
+    assert median(values) == np.median(np.array(values))
