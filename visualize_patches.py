@@ -1460,6 +1460,18 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def resolve_device(requested: str) -> str:
+    """--device's 'auto' or 'cuda' -> the device to use: 'cuda' when requested and available
+    (else a ToolError), or for 'auto' when an NVIDIA GPU is visible and torch sees CUDA (torch
+    is imported only then), else 'cpu'."""
+    if requested == "auto":
+        return "cuda" if nvidia_gpu_visible() and cuda_available() else "cpu"
+    require_torch("--device cuda")
+    if not cuda_available():
+        raise ToolError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    return "cuda"
+
+
 def compute_masks(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> dict[int, np.ndarray]:
     """The APT choice for numpy maps (the same rule as select_patches on the device, in numpy)."""
     return select_patches_np(maps, thresholds)
@@ -2028,17 +2040,13 @@ def parse_args(argv: Sequence[str] | None,
     parser = build_parser()
     parser.raise_errors = raise_errors
     args = parser.parse_args(argv)
-    if args.device == "cuda":
+    device = "cpu"  # the core alone analyses on the CPU: --device auto stays there
+    if args.device == "cuda" or (args.device == "auto" and has_extensions()):
         try:
             extension("torch_backend")  # the CUDA path
+            device = resolve_device(args.device)
         except ToolError as exc:
-            parser.error(f"--device cuda: {exc}")
-        try:
-            require_torch("--device cuda")
-        except ToolError as exc:
-            parser.error(str(exc))
-    if args.device == "cuda" and not cuda_available():
-        parser.error("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+            parser.error(str(exc) if str(exc).startswith("--device") else f"--device cuda: {exc}")
     if args.method != "entropy" and args.thresholds is None and args.target_ratio is None:
         parser.error(f"--method {args.method} needs --thresholds or --target-ratio "
                      "(the default thresholds are entropy bits)")
@@ -2063,9 +2071,6 @@ def parse_args(argv: Sequence[str] | None,
         line_color=tuple(args.line_color), line_thickness=args.line_thickness, color_by_scale=args.color_by_scale,
         stats_only=args.stats_only, sweep=args.sweep,
     )
-    device = args.device
-    if device == "auto":  # torch is imported only when a GPU is visible (and the CUDA path is there)
-        device = "cuda" if has_extensions() and nvidia_gpu_visible() and cuda_available() else "cpu"
     return args, settings, options, Scorer(device)
 
 
