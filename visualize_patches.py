@@ -1427,51 +1427,6 @@ class Scorer:
 CPU = Scorer("cpu")
 
 
-def nvidia_gpu_visible() -> bool:
-    """Whether this process may see an NVIDIA GPU, without importing torch: the driver's device
-    files or /proc entry exist and CUDA_VISIBLE_DEVICES does not hide every device (empty or -1).
-    --device auto imports torch only when this holds (a CPU run never imports it)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
-        return False
-    return os.path.exists("/proc/driver/nvidia") or any(Path("/dev").glob("nvidia[0-9]*"))
-
-
-TORCH_INSTALL_HINT = ("pip install torch (CPU only: pip install torch --index-url "
-                      "https://download.pytorch.org/whl/cpu); see the README's Set-up")
-
-
-def require_torch(what: str):
-    """The torch module, imported now (CUDA, video, upsample_mse); a ToolError naming `what` without it."""
-    try:
-        import torch
-    except ModuleNotFoundError as exc:
-        if exc.name != "torch":
-            raise
-        raise ToolError(f"{what} needs torch, which is not installed: {TORCH_INSTALL_HINT}") from None
-    return torch
-
-
-def cuda_available() -> bool:
-    """torch.cuda.is_available(), importing torch; False when torch is not installed."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def resolve_device(requested: str) -> str:
-    """--device's 'auto' or 'cuda' -> the device to use: 'cuda' when requested and available
-    (else a ToolError), or for 'auto' when an NVIDIA GPU is visible and torch sees CUDA (torch
-    is imported only then), else 'cpu'."""
-    if requested == "auto":
-        return "cuda" if nvidia_gpu_visible() and cuda_available() else "cpu"
-    require_torch("--device cuda")
-    if not cuda_available():
-        raise ToolError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
-    return "cuda"
-
-
 def compute_masks(maps: Mapping[int, np.ndarray], thresholds: Sequence[float]) -> dict[int, np.ndarray]:
     """The APT choice for numpy maps (the same rule as select_patches on the device, in numpy)."""
     return select_patches_np(maps, thresholds)
@@ -2043,8 +1998,7 @@ def parse_args(argv: Sequence[str] | None,
     device = "cpu"  # the core alone analyses on the CPU: --device auto stays there
     if args.device == "cuda" or (args.device == "auto" and has_extensions()):
         try:
-            extension("torch_backend")  # the CUDA path
-            device = resolve_device(args.device)
+            device = extension("torch_backend").resolve_device(args.device)  # the CUDA path
         except ToolError as exc:
             parser.error(str(exc) if str(exc).startswith("--device") else f"--device cuda: {exc}")
     if args.method != "entropy" and args.thresholds is None and args.target_ratio is None:

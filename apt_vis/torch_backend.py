@@ -7,6 +7,8 @@ visualize_patches reaches it through extension("torch_backend")."""
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
@@ -23,15 +25,60 @@ from visualize_patches import (
     LUMA_WEIGHTS,
     LUMA_WEIGHTS_1E4,
     Settings,
+    ToolError,
     _check_images_np,
     grid_shape,
     padded_cells,
-    require_torch,
     select_patches_np,
 )
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
+
+
+def nvidia_gpu_visible() -> bool:
+    """Whether this process may see an NVIDIA GPU, without importing torch: the driver's device
+    files or /proc entry exist and CUDA_VISIBLE_DEVICES does not hide every device (empty or -1).
+    --device auto imports torch only when this holds (a CPU run never imports it)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia") or any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+TORCH_INSTALL_HINT = ("pip install torch (CPU only: pip install torch --index-url "
+                      "https://download.pytorch.org/whl/cpu); see the README's Set-up")
+
+
+def require_torch(what: str):
+    """The torch module, imported now (CUDA, video, upsample_mse); a ToolError naming `what` without it."""
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        if exc.name != "torch":
+            raise
+        raise ToolError(f"{what} needs torch, which is not installed: {TORCH_INSTALL_HINT}") from None
+    return torch
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), importing torch; False when torch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_device(requested: str) -> str:
+    """--device's 'auto' or 'cuda' -> the device to use: 'cuda' when requested and available
+    (else a ToolError), or for 'auto' when an NVIDIA GPU is visible and torch sees CUDA (torch
+    is imported only then), else 'cpu'."""
+    if requested == "auto":
+        return "cuda" if nvidia_gpu_visible() and cuda_available() else "cpu"
+    require_torch("--device cuda")
+    if not cuda_available():
+        raise ToolError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+    return "cuda"
 
 
 def recover_uint8(normalized: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -39,7 +39,6 @@ from visualize_patches import (
     encode_npz,
     one_line,
     patch_counts,
-    require_torch,
     scale_palette,
     smart_resize,
     staged_output,
@@ -50,6 +49,7 @@ from apt_vis.batch import Progress
 from apt_vis.pictures import _gradient_strip
 from apt_vis.machine import release_free_memory
 from apt_vis.thresholds import sweep_files
+from apt_vis.torch_backend import require_torch
 
 # Which transformers video processor a model's videos follow: frame sampling and sizing differ.
 VIDEO_PROCESSOR_OF = {"qwen2-vl": "Qwen2VLVideoProcessor", "qwen2.5-vl": "Qwen2VLVideoProcessor",

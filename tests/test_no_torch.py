@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 import visualize_patches as vp
+from apt_vis import torch_backend
 from conftest import PEARL, run_cli
 
 # Loaded by every interpreter the tool starts (the main process, the forkserver and its workers):
@@ -80,6 +81,6 @@ def test_auto_looks_for_a_gpu_before_importing_torch(monkeypatch, visible, drive
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    monkeypatch.setattr(vp.os.path, "exists", lambda p: driver and p == "/proc/driver/nvidia")
-    monkeypatch.setattr(vp.Path, "glob", lambda self, pattern: iter(()))
-    assert vp.nvidia_gpu_visible() is expected
+    monkeypatch.setattr(torch_backend.os.path, "exists", lambda p: driver and p == "/proc/driver/nvidia")
+    monkeypatch.setattr(torch_backend.Path, "glob", lambda self, pattern: iter(()))
+    assert torch_backend.nvidia_gpu_visible() is expected
