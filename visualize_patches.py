@@ -92,7 +92,6 @@ import tempfile
 import threading
 import time
 import warnings
-import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -101,11 +100,6 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 from loguru import logger
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
-
-try:  # ISA-L's deflate: the same zlib streams, about 4x faster at level 1 (README "Performance")
-    from isal import isal_zlib as fast_zlib
-except ImportError:  # the core copied alone, without the requirements: the standard library's
-    fast_zlib = None
 
 __version__ = "1.0.0"
 
@@ -1028,55 +1022,21 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-PNG_COLOR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}  # PNG colour type of each 8-bit PIL mode (PNG spec, 11.2.2)
-PNG_FILTER_UP = 2  # each byte minus the one above it (PNG spec, 9.2)
+PNG_MODES = ("L", "RGB", "RGBA")  # the 8-bit modes apt_vis.encode writes itself
 
 
-def _png_chunk(tag: bytes, data: bytes) -> bytes:
-    return len(data).to_bytes(4, "big") + tag + data + zlib.crc32(data, zlib.crc32(tag)).to_bytes(4, "big")
-
-
-PNG_ROWS_PER_CHUNK = 64  # rows filtered and deflated at a time: small buffers, warm caches
-
-
-def encode_png(image: Image.Image, compress_level: int = 3) -> bytes:
-    """Lossless PNG of a PIL image: encode_png_pixels for 8-bit L, RGB and RGBA; PIL otherwise."""
-    if image.mode not in PNG_COLOR_TYPES:
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=compress_level)
-        return buf.getvalue()
-    return encode_png_pixels(np.asarray(image), compress_level)
-
-
-def _deflater(compress_level: int):
-    """A deflate stream at zlib's compress_level (0-9): ISA-L's when installed (levels 1-3 are its
-    0-3 scale's fast end; above 3, its best, 3), else zlib's."""
-    if fast_zlib is None or compress_level == 0:  # 0: stored, which ISA-L has not
-        return zlib.compressobj(compress_level)
-    return fast_zlib.compressobj(min(compress_level, 3))
-
-
-def encode_png_pixels(pixels: np.ndarray, compress_level: int = 3) -> bytes:
-    """(H, W) gray, (H, W, 3) RGB or (H, W, 4) RGBA uint8 -> lossless PNG bytes. Every row is
-    'Up'-filtered (numpy) and deflated (_deflater), both with the GIL released, so that threads
-    encode pictures in parallel; about as small as PIL's per-row filter choice, in a quarter of
-    the time with ISA-L (half with zlib)."""
-    height, width = pixels.shape[:2]
-    color_type = PNG_COLOR_TYPES["L" if pixels.ndim == 2 else {3: "RGB", 4: "RGBA"}[pixels.shape[2]]]
-    flat = pixels.reshape(height, -1)
-    deflate = _deflater(compress_level)
-    parts = []
-    for y in range(0, height, PNG_ROWS_PER_CHUNK):
-        n = min(PNG_ROWS_PER_CHUNK, height - y)
-        rows = np.empty((n, flat.shape[1] + 1), dtype=np.uint8)  # each row: its filter byte, then the bytes
-        rows[:, 0] = PNG_FILTER_UP
-        rows[0, 1:] = flat[y] if y == 0 else flat[y] - flat[y - 1]  # modulo 256; above the first row: zeros
-        np.subtract(flat[y + 1:y + n], flat[y:y + n - 1], out=rows[1:, 1:])
-        parts.append(deflate.compress(rows))
-    parts.append(deflate.flush())
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes((8, color_type, 0, 0, 0))
-    return PNG_SIGNATURE + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", b"".join(parts)) + _png_chunk(b"IEND", b"")
+def encode_png(image: Image.Image | np.ndarray, compress_level: int = 3) -> bytes:
+    """Lossless PNG of a PIL image or an (H, W[, 3 | 4]) uint8 array: apt_vis.encode's writer for
+    8-bit gray, RGB and RGBA (numpy and ISA-L: 4x PIL's speed, on any thread) when the package is
+    there, else PIL's."""
+    if isinstance(image, Image.Image) and image.mode in PNG_MODES:
+        image = np.asarray(image)
+    if isinstance(image, np.ndarray) and has_extensions():
+        return extension("encode").encode_png_pixels(image, compress_level)
+    buf = io.BytesIO()
+    (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buf, format="PNG",
+                                                                             compress_level=compress_level)
+    return buf.getvalue()
 
 
 def encode_jpeg(image: Image.Image) -> bytes:
@@ -1563,9 +1523,6 @@ def patch_overlay(result: ImageResult, options: RenderOptions) -> tuple[np.ndarr
     return overlay, overlay_image
 
 
-PNG_QUEUE = 2  # pictures rendered and waiting for the PNG encoder thread, at most (memory)
-
-
 @dataclass
 class PngPicture:
     """A picture to be written as PNG: (H, W[, C]) uint8 pixels and the zlib level."""
@@ -1575,56 +1532,30 @@ class PngPicture:
 
 
 class PictureTasks:
-    """One image's output files, each made by a task (render, encode), run in this thread in
-    the order added. A task may return a PngPicture: in the tool's main process, on 2 or more
-    cores, one helper thread encodes it (filter and deflate: numpy and zlib, the GIL released)
-    while this thread renders the next picture. Only encoding goes there: a helper thread that
-    allocated the big pictures too kept 16 MB more resident (its own malloc arena), and a second
-    encoder thread cost 5 MB more for no time we could measure on 2 cores (Vermeer, every
-    output). A batch worker encodes itself: the workers already fill the cores. As a context
-    manager: on an error, the encodings not started are cancelled."""
+    """One image's output files, each made by a task (render, encode) in the order added. A task
+    may return a PngPicture, encoded here; apt_vis.encode.PictureThreads encodes those on a helper thread. As a
+    context manager, so that a subclass can clean up after an error."""
 
-    def __init__(self, encoder: bool = True) -> None:
+    def __init__(self) -> None:
         self.files: dict[str, object] = {}
-        self.encoder = None
-        if encoder and not _in_worker_process() and has_extensions() and extension("machine").usable_cores() > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.encoder = ThreadPoolExecutor(1, thread_name_prefix="png")
-            self.slots = threading.BoundedSemaphore(PNG_QUEUE)
 
     def __enter__(self) -> "PictureTasks":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.encoder is not None:
-            self.encoder.shutdown(wait=True, cancel_futures=exc_type is not None)
+        pass
 
     def add(self, name: str, make: Callable[..., bytes | PngPicture] | bytes, *args) -> None:
         """The file `name`: the bytes given, or make(*args)'s (a PngPicture: encoded)."""
         data = make(*args) if callable(make) else make
-        if isinstance(data, PngPicture):
-            if self.encoder is None or not self.slots.acquire(blocking=False):
-                # no helper, or it has PNG_QUEUE pictures to do already: encode this one here
-                data = encode_png_pixels(data.pixels, data.compress_level)
-            else:
-                data = self.encoder.submit(self._encode, data)
-        self.files[name] = data
+        self.files[name] = self.encode(data) if isinstance(data, PngPicture) else data
 
-    def _encode(self, picture: PngPicture) -> bytes:
-        try:
-            return encode_png_pixels(picture.pixels, picture.compress_level)
-        finally:
-            self.slots.release()
+    def encode(self, picture: PngPicture) -> object:
+        return encode_png(picture.pixels, picture.compress_level)
 
     def result(self) -> dict[str, bytes]:
-        """Every file's bytes, keyed by name, in the order added (waits for the encoder)."""
-        return {name: data if isinstance(data, bytes) else data.result() for name, data in self.files.items()}
-
-
-def _in_worker_process() -> bool:
-    """Whether this is a batch worker (a child of multiprocessing), not the tool's main process."""
-    return "multiprocessing" in sys.modules and sys.modules["multiprocessing"].parent_process() is not None
+        """Every file's bytes, keyed by name, in the order added."""
+        return dict(self.files)
 
 
 def _heatmap_png(result: ImageResult, patch_size: int) -> PngPicture:
@@ -1637,7 +1568,8 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
     PNG encoder thread busy (PictureTasks): the long PNGs early, between other work."""
     p, settings = result.prepared, result.settings
     counts = patch_counts(result.masks)
-    with PictureTasks(encoder=not options.stats_only) as tasks:
+    tasks = extension("encode").PictureThreads(not options.stats_only) if has_extensions() else PictureTasks()
+    with tasks:
         tasks.add("importance_maps.npz", maps_npz, result.maps, result.masks)
         if options.sweep:
             sweep = extension("thresholds").sweep_files(

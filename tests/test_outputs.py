@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import visualize_patches as vp
-from apt_vis import machine
+from apt_vis import encode, machine
 
 SIZES = (14, 28, 56)
 EXPECTED_FILES = {f"importance_map_scale_{s}.png" for s in SIZES} | {
@@ -161,14 +161,17 @@ def test_borders_color_by_scale():
 @pytest.mark.parametrize("mode, shape", [("RGB", (37, 23, 3)), ("RGB", (1, 5, 3)), ("L", (9, 1)),
                                          ("RGBA", (6, 7, 4)), ("RGB", (300, 211, 3))])
 @pytest.mark.parametrize("level", [0, 1, 3, 9])
-@pytest.mark.parametrize("deflate", ["isal", "zlib"])
+@pytest.mark.parametrize("deflate", ["isal", "zlib", "pil"])
 def test_encode_png_is_lossless(mode, shape, level, deflate, monkeypatch):
-    """encode_png's own writer (8-bit L/RGB/RGBA), decoded by PIL: the same mode and pixels, with
-    ISA-L's deflate (a requirement) and with zlib's (the core copied alone)."""
+    """encode_png (8-bit L/RGB/RGBA), decoded by PIL: the same mode and pixels, with apt_vis.encode's
+    writer and ISA-L's deflate (a requirement), with zlib's (installed without it), and with PIL's
+    writer (the core copied alone)."""
     if deflate == "zlib":
-        monkeypatch.setattr(vp, "fast_zlib", None)
+        monkeypatch.setattr(encode, "fast_zlib", None)
+    elif deflate == "pil":
+        monkeypatch.setattr(vp, "has_extensions", lambda: False)
     else:
-        assert vp.fast_zlib is not None, "isal is in requirements.txt"
+        assert encode.fast_zlib is not None, "isal is in requirements.txt"
     rng = np.random.default_rng(sum(shape) + level)
     pixels = rng.integers(0, 256, shape, dtype=np.uint8)
     pixels[len(pixels) // 2:] = pixels[0]  # repeated rows, as flat colours give
@@ -188,12 +191,12 @@ def test_encode_png_other_modes(mode):
 
 
 def test_pngs_encoded_on_a_thread_are_the_ones_encoded_in_order(monkeypatch, tmp_path):
-    """PictureTasks' PNG encoder thread (the main process on 2+ cores) writes the same bytes as
+    """PictureThreads' PNG encoder thread (the main process on 2+ cores) writes the same bytes as
     encoding in order (one core, or a batch worker): both forced here, whatever this machine has."""
     written = {}
     for cores in (1, 2):
         monkeypatch.setattr(machine, "usable_cores", lambda cores=cores: cores)
-        with vp.PictureTasks() as tasks:
+        with encode.PictureThreads() as tasks:
             assert (tasks.encoder is not None) == (cores > 1)
         assert vp.main([str(vp.sample_image_path()), "-o", str(tmp_path / str(cores)), "-q"]) == 0
         written[cores] = {p.name: p.read_bytes() for p in (tmp_path / str(cores)).iterdir() if p.name != "stats.json"}
