@@ -78,7 +78,6 @@ if __name__ == "__main__":
     sys.exit(_core.cli())
 
 import argparse
-import csv
 import fcntl
 import functools
 import gc
@@ -1056,6 +1055,8 @@ def encode_json(data: object) -> bytes:
 
 
 def encode_csv(rows: Sequence[Mapping], columns: Sequence[str]) -> bytes:
+    import csv  # summaries and sweeps only: a single image's run does without it
+
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
