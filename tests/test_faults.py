@@ -158,18 +158,18 @@ SLOW_IMPORT = """import os, sys, time
 time.sleep(30)  # a slow import: the signal arrives while the tool's imports run, whatever the machine
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path = [p for p in sys.path if os.path.abspath(p or ".") != here]
-del sys.modules["csv"]
-import csv
+del sys.modules["argparse"]
+import argparse
 """
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     """SIGINT while the core's imports run (after the script installed its start-up handlers): one
-    line, exit 130. The imports are made slow on purpose (a csv module that sleeps first, found
-    first on PYTHONPATH): the whole run now takes less time than the test's wait used to."""
+    line, exit 130. The imports are made slow on purpose (an argparse module that sleeps first,
+    found first on PYTHONPATH): the whole run now takes less time than the test's wait used to."""
     slow = tmp_path / "slow"
     slow.mkdir()
-    (slow / "csv.py").write_text(SLOW_IMPORT)
+    (slow / "argparse.py").write_text(SLOW_IMPORT)
     proc = start(PEARL, "-o", tmp_path / "out", env={**os.environ, "PYTHONPATH": str(slow)})
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGINT)
