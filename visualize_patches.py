@@ -1212,47 +1212,40 @@ BATCH_FILE_NAMES = ("summary.csv", "summary.json", "summary.png", "report.html")
 BATCH_SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")  # batch sweeps always plot
 
 
-def check_write_paths(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions) -> None:
-    """Before anything is written: ToolError unless every path the run writes (each input's
-    output folder and the folders made on the way to it, every file in it, and in batch mode
-    the summaries and sweep files) stays inside out_root, links followed, and is not an input
-    nor (for folders) holds one. Staging folders and temporary files get fresh random names.
-    (Long on purpose: its helpers share the caches of resolved paths, so they are closures.)"""
-    out_real = os.path.realpath(out_root)
-    real_folder = functools.lru_cache(maxsize=None)(os.path.realpath)
-    inputs: dict[str, Path] = {}  # real path -> input; a link counts as itself and as its target
-    for job in found.jobs:
-        entry = os.path.join(real_folder(str(job.path.parent)), job.path.name)
-        inputs[entry] = job.path
-        if os.path.islink(entry):
-            inputs[os.path.realpath(entry)] = job.path
-    holders: dict[str, Path] = {}  # every folder above an input -> that input
-    for real, path in inputs.items():
-        folder = os.path.dirname(real)
-        while folder not in holders:
-            holders[folder] = path
-            folder, below = os.path.dirname(folder), folder
-            if folder == below:
-                break
-    resolved: dict[str, str] = {}
+class WritePaths:
+    """The checks made before anything is written: ToolError unless every path a run writes stays
+    inside out_root, links followed, and is not an input nor (for folders) holds one. Staging
+    folders and temporary files get fresh random names. check_write_paths checks a single run's
+    files; check_batch_paths each input's folder, its files and the summaries."""
 
-    def child(parent: str, name: str) -> str:
-        """parent (real) / name as a real path: one lstat, shared by siblings."""
-        path = os.path.join(parent, name)
-        if path not in resolved:
-            resolved[path] = os.path.realpath(path) if os.path.islink(path) else path
-        return resolved[path]
+    def __init__(self, jobs: Iterable[Job], out_root: Path):
+        self.out_root, self.out_real = out_root, os.path.realpath(out_root)
+        real_folder = functools.lru_cache(maxsize=None)(os.path.realpath)
+        self.inputs: dict[str, Path] = {}  # real path -> input; a link counts as itself and as its target
+        for job in jobs:
+            entry = os.path.join(real_folder(str(job.path.parent)), job.path.name)
+            self.inputs[entry] = job.path
+            if os.path.islink(entry):
+                self.inputs[os.path.realpath(entry)] = job.path
+        self.holders: dict[str, Path] = {}  # every folder above an input -> that input
+        for real, path in self.inputs.items():
+            folder = os.path.dirname(real)
+            while folder not in self.holders:
+                self.holders[folder] = path
+                folder, below = os.path.dirname(folder), folder
+                if folder == below:
+                    break
 
-    def check(real: str, shown: Path, what: str, folder: bool) -> None:
-        if not _inside(real, out_real):
-            raise ToolError(f"{shown}: {what} would be written outside {out_root} through a symbolic link; "
+    def check(self, real: str, shown: Path, what: str, folder: bool) -> None:
+        if not _inside(real, self.out_real):
+            raise ToolError(f"{shown}: {what} would be written outside {self.out_root} through a symbolic link; "
                             "remove the link or choose another -o")
-        if real in inputs:
-            raise ToolError(f"{inputs[real]}: is one of the outputs ({what}) in {out_root}; choose another -o")
-        if folder and real in holders:
-            raise ToolError(f"{shown}: the {what} would hold the input {holders[real]}; choose another -o")
+        if real in self.inputs:
+            raise ToolError(f"{self.inputs[real]}: is one of the outputs ({what}) in {self.out_root}; choose another -o")
+        if folder and real in self.holders:
+            raise ToolError(f"{shown}: the {what} would hold the input {self.holders[real]}; choose another -o")
 
-    def check_names(folder: str, shown: Path, names: Iterable[str], whose: str) -> None:
+    def check_names(self, folder: str, shown: Path, names: Iterable[str], whose: str) -> None:
         """Only names already there can be an input or a link (one directory read, not a stat per name)."""
         try:
             with os.scandir(folder) as it:
@@ -1262,26 +1255,44 @@ def check_write_paths(found: Discovery, out_root: Path, settings: Settings, opti
         for name in names:
             if name in present:
                 path = os.path.join(folder, name)
-                check(os.path.realpath(path) if present[name] else path, shown / name, f"{name}{whose}", folder=True)
+                self.check(os.path.realpath(path) if present[name] else path, shown / name, f"{name}{whose}",
+                           folder=True)
+
+
+def check_write_paths(job: Job, out_root: Path, settings: Settings, options: RenderOptions) -> None:
+    """WritePaths' checks for a single input, whose files (and the lock) go straight into out_root."""
+    paths = WritePaths([job], out_root)
+    paths.check_names(paths.out_real, out_root, (LOCK_NAME, *output_names(job.kind, settings, options)), "")
+
+
+def check_batch_paths(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions) -> None:
+    """WritePaths' checks for a batch: the lock, each input's output folder and the folders made on
+    the way to it, every file in it, the summaries and sweep files."""
+    paths = WritePaths(found.jobs, out_root)
+    resolved: dict[str, str] = {}
+
+    def child(parent: str, name: str) -> str:
+        """parent (real) / name as a real path: one lstat, shared by siblings."""
+        path = os.path.join(parent, name)
+        if path not in resolved:
+            resolved[path] = os.path.realpath(path) if os.path.islink(path) else path
+        return resolved[path]
 
     names_of = {kind: output_names(kind, settings, options) for kind in ("image", "video")}
-    check_names(out_real, out_root, (LOCK_NAME,), "")
-    if found.flat:
-        check_names(out_real, out_root, names_of[found.jobs[0].kind], "")
-        return
+    paths.check_names(paths.out_real, out_root, (LOCK_NAME,), "")
     folders = set()
     for job in found.jobs:
-        real, shown = out_real, out_root
+        real, shown = paths.out_real, out_root
         parts = Path(job.label).parts
         for k, part in enumerate(parts):
             real, shown = child(real, part), shown / part
-            check(real, shown, f"output folder of {job.label}", folder=k == len(parts) - 1)
+            paths.check(real, shown, f"output folder of {job.label}", folder=k == len(parts) - 1)
         folders.add(real)
-        check_names(real, shown, names_of[job.kind], f" of {job.label}")
+        paths.check_names(real, shown, names_of[job.kind], f" of {job.label}")
     batch_names = BATCH_FILE_NAMES + (BATCH_SWEEP_NAMES if options.sweep else ())
-    check_names(out_real, out_root, batch_names, "")
+    paths.check_names(paths.out_real, out_root, batch_names, "")
     for name in batch_names:
-        if os.path.join(out_real, name) in folders:
+        if os.path.join(paths.out_real, name) in folders:
             raise ToolError(f"{out_root / name}: is both an input's output folder and a batch file; "
                             "rename that input or choose another -o")
 
@@ -2003,31 +2014,10 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
         if not inputs:
             inputs = [str(sample_image_path())]
             logger.info(f"no input given: using the sample photo {inputs[0]}")
-        if len(inputs) == 1 and Path(inputs[0]).is_file() and Path(inputs[0]).suffix.lower() not in CONTAINER_EXTENSIONS:
-            path = Path(inputs[0])
-            found = Discovery([Job(path, str(path), args.output, kind_of(path) or "image")], 0, True, [], 0)
-        else:
-            found = extension("batch").discover(inputs, args.output, args.image_column, args.id_column)
-        if options.sweep or settings.target_ratio is not None:
-            extension("thresholds")
-        if any(job.kind == "video" for job in found.jobs):
-            extension("video")
-        if args.engine == "ray" and not found.flat:
-            extension("ray_engine").ray_module()  # a missing Ray: one line before any work
-        check_write_paths(found, args.output, settings, options)
-        check_output_dir(args.output)
-        with OutputLock(args.output):
-            if found.flat:
-                return run_one(found.jobs[0], args, settings, options, scorer)
-            hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
-            if args.engine == "ray":
-                logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; engine ray")
-                return extension("ray_engine").run_ray(found, args.output, settings, options, args.skip_existing,
-                                                       not args.quiet and len(found.jobs) > 1, args.ray_address)
-            logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
-                        f"{args.workers} workers, device {scorer.device}")
-            return extension("batch").run_batch(found, args.output, settings, options, scorer, args.workers, args.skip_existing,
-                             show_progress=not args.quiet and len(found.jobs) > 1, signals=signals)
+        path = Path(inputs[0])
+        if len(inputs) == 1 and path.is_file() and path.suffix.lower() not in CONTAINER_EXTENSIONS:
+            return run_one(Job(path, str(path), args.output, kind_of(path) or "image"), args, settings, options, scorer)
+        return run_inputs(inputs, args, settings, options, scorer, signals)
     except ToolError as exc:
         logger.error(str(exc))
         return EXIT_FAILURE
@@ -2036,8 +2026,48 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
         return signals.exit_code
 
 
+def run_inputs(inputs: Sequence[str], args: argparse.Namespace, settings: Settings, options: RenderOptions,
+               scorer: Scorer, signals: StopSignals) -> int:
+    """Folders, globs, datasets or several files: one output folder per input, then the summaries."""
+    found = extension("batch").discover(inputs, args.output, args.image_column, args.id_column)
+    if found.flat:  # a single file after all (e.g. a .tar that is no tar shard)
+        return run_one(found.jobs[0], args, settings, options, scorer)
+    if options.sweep or settings.target_ratio is not None:
+        extension("thresholds")
+    if any(job.kind == "video" for job in found.jobs):
+        extension("video")
+    if args.engine == "ray":
+        extension("ray_engine").ray_module()  # a missing Ray: one line before any work
+    check_batch_paths(found, args.output, settings, options)
+    check_output_dir(args.output)
+    with OutputLock(args.output):
+        hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
+        if args.engine == "ray":
+            logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; engine ray")
+            return extension("ray_engine").run_ray(found, args.output, settings, options, args.skip_existing,
+                                                   not args.quiet and len(found.jobs) > 1, args.ray_address)
+        logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
+                    f"{args.workers} workers, device {scorer.device}")
+        return extension("batch").run_batch(found, args.output, settings, options, scorer, args.workers,
+                                            args.skip_existing, show_progress=not args.quiet and len(found.jobs) > 1,
+                                            signals=signals)
+
+
 def run_one(job: Job, args: argparse.Namespace, settings: Settings, options: RenderOptions, scorer: Scorer) -> int:
     """A single input file, outputs straight into the output directory."""
+    if options.sweep or settings.target_ratio is not None:
+        extension("thresholds")
+    if job.kind == "video":
+        extension("video")
+    check_write_paths(job, args.output, settings, options)
+    check_output_dir(args.output)
+    with OutputLock(args.output):
+        return analyse_one(job, args, settings, options, scorer)
+
+
+def analyse_one(job: Job, args: argparse.Namespace, settings: Settings, options: RenderOptions,
+                scorer: Scorer) -> int:
+    """run_one's work once the output directory is checked and locked."""
     maps = None
     if settings.target_ratio is not None:
         maps = score_input(job, settings, scorer)
