@@ -1007,15 +1007,6 @@ class Job:
     member: tuple | None = None  # inside a tar shard or Parquet file: how apt_vis.datasets reads it
 
 
-@dataclass
-class Discovery:
-    jobs: list[Job]
-    skipped: int  # files that are neither images nor videos
-    flat: bool  # a single file: outputs directly in the output directory
-    failed: list[tuple[str, str]]  # (label, one-line reason): entries found that cannot be read
-    hidden: int  # hidden entries skipped (names starting with "."; a hidden folder counts once)
-
-
 def _inside(path: str, folder: str) -> bool:
     """Whether the real path lies in (or is) the real folder."""
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
@@ -1208,15 +1199,11 @@ class OutputLock:
         _remove_empty_folders(self.created)
 
 
-BATCH_FILE_NAMES = ("summary.csv", "summary.json", "summary.png", "report.html")  # as write_summaries
-BATCH_SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")  # batch sweeps always plot
-
-
 class WritePaths:
     """The checks made before anything is written: ToolError unless every path a run writes stays
     inside out_root, links followed, and is not an input nor (for folders) holds one. Staging
     folders and temporary files get fresh random names. check_write_paths checks a single run's
-    files; check_batch_paths each input's folder, its files and the summaries."""
+    files; apt_vis.batch.check_batch_paths each input's folder, its files and the summaries."""
 
     def __init__(self, jobs: Iterable[Job], out_root: Path):
         self.out_root, self.out_real = out_root, os.path.realpath(out_root)
@@ -1263,38 +1250,6 @@ def check_write_paths(job: Job, out_root: Path, settings: Settings, options: Ren
     """WritePaths' checks for a single input, whose files (and the lock) go straight into out_root."""
     paths = WritePaths([job], out_root)
     paths.check_names(paths.out_real, out_root, (LOCK_NAME, *output_names(job.kind, settings, options)), "")
-
-
-def check_batch_paths(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions) -> None:
-    """WritePaths' checks for a batch: the lock, each input's output folder and the folders made on
-    the way to it, every file in it, the summaries and sweep files."""
-    paths = WritePaths(found.jobs, out_root)
-    resolved: dict[str, str] = {}
-
-    def child(parent: str, name: str) -> str:
-        """parent (real) / name as a real path: one lstat, shared by siblings."""
-        path = os.path.join(parent, name)
-        if path not in resolved:
-            resolved[path] = os.path.realpath(path) if os.path.islink(path) else path
-        return resolved[path]
-
-    names_of = {kind: output_names(kind, settings, options) for kind in ("image", "video")}
-    paths.check_names(paths.out_real, out_root, (LOCK_NAME,), "")
-    folders = set()
-    for job in found.jobs:
-        real, shown = paths.out_real, out_root
-        parts = Path(job.label).parts
-        for k, part in enumerate(parts):
-            real, shown = child(real, part), shown / part
-            paths.check(real, shown, f"output folder of {job.label}", folder=k == len(parts) - 1)
-        folders.add(real)
-        paths.check_names(real, shown, names_of[job.kind], f" of {job.label}")
-    batch_names = BATCH_FILE_NAMES + (BATCH_SWEEP_NAMES if options.sweep else ())
-    paths.check_names(paths.out_real, out_root, batch_names, "")
-    for name in batch_names:
-        if os.path.join(paths.out_real, name) in folders:
-            raise ToolError(f"{out_root / name}: is both an input's output folder and a batch file; "
-                            "rename that input or choose another -o")
 
 
 # ---------------------------------------------------------------------------
@@ -2017,40 +1972,13 @@ def run(args: argparse.Namespace, settings: Settings, options: RenderOptions, sc
         path = Path(inputs[0])
         if len(inputs) == 1 and path.is_file() and path.suffix.lower() not in CONTAINER_EXTENSIONS:
             return run_one(Job(path, str(path), args.output, kind_of(path) or "image"), args, settings, options, scorer)
-        return run_inputs(inputs, args, settings, options, scorer, signals)
+        return extension("batch").run_inputs(inputs, args, settings, options, scorer, signals)
     except ToolError as exc:
         logger.error(str(exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
         logger.error(f"interrupted ({signals.name})")
         return signals.exit_code
-
-
-def run_inputs(inputs: Sequence[str], args: argparse.Namespace, settings: Settings, options: RenderOptions,
-               scorer: Scorer, signals: StopSignals) -> int:
-    """Folders, globs, datasets or several files: one output folder per input, then the summaries."""
-    found = extension("batch").discover(inputs, args.output, args.image_column, args.id_column)
-    if found.flat:  # a single file after all (e.g. a .tar that is no tar shard)
-        return run_one(found.jobs[0], args, settings, options, scorer)
-    if options.sweep or settings.target_ratio is not None:
-        extension("thresholds")
-    if any(job.kind == "video" for job in found.jobs):
-        extension("video")
-    if args.engine == "ray":
-        extension("ray_engine").ray_module()  # a missing Ray: one line before any work
-    check_batch_paths(found, args.output, settings, options)
-    check_output_dir(args.output)
-    with OutputLock(args.output):
-        hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
-        if args.engine == "ray":
-            logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; engine ray")
-            return extension("ray_engine").run_ray(found, args.output, settings, options, args.skip_existing,
-                                                   not args.quiet and len(found.jobs) > 1, args.ray_address)
-        logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
-                    f"{args.workers} workers, device {scorer.device}")
-        return extension("batch").run_batch(found, args.output, settings, options, scorer, args.workers,
-                                            args.skip_existing, show_progress=not args.quiet and len(found.jobs) > 1,
-                                            signals=signals)
 
 
 def run_one(job: Job, args: argparse.Namespace, settings: Settings, options: RenderOptions, scorer: Scorer) -> int:

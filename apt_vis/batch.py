@@ -3,6 +3,7 @@ batch (--target-ratio), interrupts, and the summaries (summary.csv/json/png, rep
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
@@ -29,35 +31,40 @@ from loguru import logger
 from visualize_patches import (
     CPU,
     CUDA_BATCH,
-    Discovery,
     EXIT_FAILURE,
     EXIT_OK,
     Job,
-    MODEL_NAMES,
+    LOCK_NAME,
     LOG_LEVEL,
+    MODEL_NAMES,
     Outcome,
+    OutputLock,
     Prepared,
     RenderOptions,
-    STAGING_PREFIX,
-    STOP_SIGNALS,
     Scorer,
     Settings,
+    STAGING_PREFIX,
+    STOP_SIGNALS,
     StopSignals,
     ToolError,
-    _inside,
-    _remove_empty_folders,
+    WritePaths,
     analyse,
+    check_output_dir,
     configure_logging,
     encode_csv,
     encode_json,
     extension,
     finish_image,
     kind_of,
+    output_names,
     prepare_image,
     reusable_stats,
     run_input,
+    run_one,
     score_input,
     write_files,
+    _inside,
+    _remove_empty_folders,
 )
 from apt_vis.machine import keep_freed_memory
 from apt_vis.datasets import container_jobs, container_kind, expand_braces
@@ -209,6 +216,20 @@ def _keyed(path: Path, root: Path) -> tuple[str, str]:
         root_key = os.path.realpath(path.parent)
         relative = path.name
     return os.path.join(root_key, relative), root_key
+
+
+@dataclass
+class Discovery:
+    jobs: list[Job]
+    skipped: int  # files that are neither images nor videos
+    flat: bool  # a single file: outputs directly in the output directory
+    failed: list[tuple[str, str]]  # (label, one-line reason): entries found that cannot be read
+    hidden: int  # hidden entries skipped (names starting with "."; a hidden folder counts once)
+
+
+BATCH_FILE_NAMES = ("summary.csv", "summary.json", "summary.png", "report.html")  # as write_summaries
+BATCH_SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")  # batch sweeps always plot
+
 
 
 def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = None,
@@ -568,6 +589,65 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def check_batch_paths(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions) -> None:
+    """WritePaths' checks for a batch: the lock, each input's output folder and the folders made on
+    the way to it, every file in it, the summaries and sweep files."""
+    paths = WritePaths(found.jobs, out_root)
+    resolved: dict[str, str] = {}
+
+    def child(parent: str, name: str) -> str:
+        """parent (real) / name as a real path: one lstat, shared by siblings."""
+        path = os.path.join(parent, name)
+        if path not in resolved:
+            resolved[path] = os.path.realpath(path) if os.path.islink(path) else path
+        return resolved[path]
+
+    names_of = {kind: output_names(kind, settings, options) for kind in ("image", "video")}
+    paths.check_names(paths.out_real, out_root, (LOCK_NAME,), "")
+    folders = set()
+    for job in found.jobs:
+        real, shown = paths.out_real, out_root
+        parts = Path(job.label).parts
+        for k, part in enumerate(parts):
+            real, shown = child(real, part), shown / part
+            paths.check(real, shown, f"output folder of {job.label}", folder=k == len(parts) - 1)
+        folders.add(real)
+        paths.check_names(real, shown, names_of[job.kind], f" of {job.label}")
+    batch_names = BATCH_FILE_NAMES + (BATCH_SWEEP_NAMES if options.sweep else ())
+    paths.check_names(paths.out_real, out_root, batch_names, "")
+    for name in batch_names:
+        if os.path.join(paths.out_real, name) in folders:
+            raise ToolError(f"{out_root / name}: is both an input's output folder and a batch file; "
+                            "rename that input or choose another -o")
+
+
+def run_inputs(inputs: Sequence[str], args: argparse.Namespace, settings: Settings, options: RenderOptions,
+               scorer: Scorer, signals: StopSignals) -> int:
+    """Folders, globs, datasets or several files: one output folder per input, then the summaries."""
+    found = discover(inputs, args.output, args.image_column, args.id_column)
+    if found.flat:  # a single file after all (e.g. a .tar that is no tar shard)
+        return run_one(found.jobs[0], args, settings, options, scorer)
+    if options.sweep or settings.target_ratio is not None:
+        extension("thresholds")
+    if any(job.kind == "video" for job in found.jobs):
+        extension("video")
+    if args.engine == "ray":
+        extension("ray_engine").ray_module()  # a missing Ray: one line before any work
+    check_batch_paths(found, args.output, settings, options)
+    check_output_dir(args.output)
+    with OutputLock(args.output):
+        hidden = f", {found.hidden} hidden entries skipped" if found.hidden else ""
+        if args.engine == "ray":
+            logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; engine ray")
+            return extension("ray_engine").run_ray(found, args.output, settings, options, args.skip_existing,
+                                                   not args.quiet and len(found.jobs) > 1, args.ray_address)
+        logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
+                    f"{args.workers} workers, device {scorer.device}")
+        return run_batch(found, args.output, settings, options, scorer, args.workers,
+                                            args.skip_existing, show_progress=not args.quiet and len(found.jobs) > 1,
+                                            signals=signals)
 
 
 def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, scorer: Scorer,

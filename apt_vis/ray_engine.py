@@ -26,7 +26,6 @@ from visualize_patches import (
     EXIT_FAILURE,
     EXIT_OK,
     LOG_LEVEL,
-    Discovery,
     Job,
     RenderOptions,
     Settings,
@@ -34,7 +33,7 @@ from visualize_patches import (
     run_input,
     score_input,
 )
-from apt_vis.batch import Progress, _stored_maps, failure_text, summarize, summary_row, write_summaries
+from apt_vis.batch import Discovery, Progress, _stored_maps, failure_text, summarize, summary_row, write_summaries
 from apt_vis.thresholds import SharedThresholdCounts, choose_shared_threshold, sweep_files
 from apt_vis.machine import keep_freed_memory
 
