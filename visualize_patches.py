@@ -191,7 +191,7 @@ ENTROPY_QUANTUM_BITS = 20
 LAPLACIAN_KERNEL = ((1.0, 1.0, 1.0), (1.0, -8.0, 1.0), (1.0, 1.0, 1.0))
 # The numpy entropy counts histograms one horizontal strip of cells at a time, about this many
 # pixels per strip, so that a strip's histograms stay in the CPU cache (1 MP at once: 21 MB of int64).
-ENTROPY_STRIP_PIXELS = 2**17
+ENTROPY_STRIP_PIXELS = 2**16
 
 DEFAULT_OUTPUT_DIR = "./visualizations"
 SAMPLE_IMAGE = "pearl_earring.jpg"  # in apt_vis/data/ (provenance and licence: its README.md)
@@ -461,23 +461,25 @@ def entropy_maps_np(images_u8: np.ndarray, patch_sizes: Sequence[int]) -> dict[i
     # strips are whole rows of the largest cells, so every cell lies in one strip
     strip_h = max(1, ENTROPY_STRIP_PIXELS // max(1, t * used_w * top)) * top
     sums = {ps: np.zeros((b, h // ps, w // ps), dtype=np.int64) for ps in sizes}  # sum_b c_b log2 c_b
-    # flat (cell, bin) key offset of every pixel of a strip, shared by all strips
+    # flat (cell, bin) key offset of every pixel of a strip, shared by all strips; intp, which bincount
+    # counts without converting its input first
     y, x = np.arange(strip_h) // base, np.arange(used_w) // base
-    key_type = np.int32 if (strip_h // base) * full_cols * ENTROPY_BINS <= np.iinfo(np.int32).max else np.int64
-    offsets = ((y[:, None] * full_cols + x[None, :]) * ENTROPY_BINS).astype(key_type)  # (strip_h, used_w)
+    offsets = ((y[:, None] * full_cols + x[None, :]) * ENTROPY_BINS).astype(np.intp)  # (strip_h, used_w)
+    # the larger scales' histograms are summed in the narrowest type that holds a top cell's count
+    # (a quarter of the memory traffic of int64)
+    count_type = np.uint16 if t * top * top <= np.iinfo(np.uint16).max else np.int64
     for k in range(b):
         for y0 in range(0, h, strip_h):
             rows = min(strip_h, h - y0) // base  # complete base cells in this strip
             if rows == 0 or full_cols == 0:
                 continue
             pixels = images_u8[k, :, y0:y0 + rows * base, :used_w]  # (T, rows * base, used_w, 3)
-            keys = gray_bins_np(pixels).astype(key_type, copy=False)
-            keys += offsets[: rows * base]  # (T, rows * base, used_w) flat (cell, bin) indices
+            keys = np.add(gray_bins_np(pixels), offsets[: rows * base])  # (T, rows * base, used_w) flat (cell, bin)
             hist = np.bincount(keys.ravel(), minlength=rows * full_cols * ENTROPY_BINS)
             hist = hist.reshape(rows, full_cols, ENTROPY_BINS)
             for i, ps in enumerate(sizes):
                 if i:
-                    hist = _halve(hist)
+                    hist = _halve(hist.astype(count_type, copy=False))
                 if hist.size == 0:
                     break
                 g = _c_log2_c_fixed(t * ps * ps)

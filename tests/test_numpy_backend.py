@@ -107,6 +107,18 @@ def test_entropy_bit_identical(images, patch_sizes, strip_pixels):
     assert_maps_identical(ours, torch_maps(images, patch_sizes, "entropy"))
 
 
+@pytest.mark.parametrize("frames", [3, 4])
+@pytest.mark.parametrize("kind", ["constant", "few_levels"])
+def test_entropy_bit_identical_at_the_count_type_limit(kind, frames):
+    """The larger scales' histograms are summed as uint16 while a top cell holds at most 65,535
+    pixels: T=3 with 128-pixel cells (49,152, one bin holding all of them in a constant image)
+    is summed as uint16, T=4 (65,536, which would wrap to 0) as int64."""
+    images = make_frames(kind, 3, frames, 260, 140)[None]
+    patch_sizes = (32, 64, 128)
+    assert_maps_identical(vp.importance_maps_np(images, patch_sizes, "entropy", "mean"),
+                          torch_maps(images, patch_sizes, "entropy"))
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(images=images_strategy, patch_sizes=patch_sizes_strategy, aggregate=st.sampled_from(vp.AGGREGATES))
 def test_laplacian_close(images, patch_sizes, aggregate):
