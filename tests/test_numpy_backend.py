@@ -99,7 +99,7 @@ patch_sizes_strategy = st.builds(lambda base, scales: tuple(base * 2**i for i in
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(images=images_strategy, patch_sizes=patch_sizes_strategy, strip_pixels=st.sampled_from((1, 2**17)))
+@given(images=images_strategy, patch_sizes=patch_sizes_strategy, strip_pixels=st.sampled_from((1, vp.ENTROPY_STRIP_PIXELS)))
 def test_entropy_bit_identical(images, patch_sizes, strip_pixels):
     """strip_pixels=1: one row of the largest cells per strip, so strips meet inside the image."""
     with mock.patch.object(vp, "ENTROPY_STRIP_PIXELS", strip_pixels):
