@@ -1643,15 +1643,12 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopSignals:
-    """SIGINT, SIGTERM and SIGHUP all act as Ctrl-C. The first raises KeyboardInterrupt: the run
-    stops cleanly (inputs in progress finish, summaries are written). The second calls on_second
-    (which kills the workers) and raises again, so the run ends at once. Later ones, and any that
-    arrive while `deferred`, are only recorded. Exit status: 128 + the first signal's number."""
+    """SIGINT, SIGTERM and SIGHUP all act as Ctrl-C: the first two raise KeyboardInterrupt (the run
+    stops; staged outputs leave nothing behind), later ones are only recorded. Exit status: 128 +
+    the first signal's number. BatchSignals adds what a batch's worker processes need."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
-        self.on_second: Callable[[], None] | None = None
-        self.deferred = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -1663,11 +1660,14 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    @property
+    def installed(self) -> bool:
+        """Whether this object's handlers are the process's (cli(); main() leaves the process's alone)."""
+        return bool(self._previous)
+
     def _handle(self, signum: int, frame) -> None:
         self.received.append(signum)
-        if len(self.received) == 2 and self.on_second is not None:
-            self.on_second()
-        if not self.deferred and len(self.received) <= 2:
+        if len(self.received) <= 2:
             raise KeyboardInterrupt
 
     @property
@@ -1677,6 +1677,31 @@ class StopSignals:
     @property
     def exit_code(self) -> int:
         return 128 + self.received[0] if self.received else EXIT_INTERRUPTED
+
+
+class BatchSignals(StopSignals):
+    """The run's StopSignals while a batch runs. The first signal raises KeyboardInterrupt: the run
+    stops cleanly (inputs in progress finish, summaries are written). The second calls on_second
+    (which kills the workers) and raises again, so the run ends at once. Later ones, and any that
+    arrive while `deferred`, are only recorded. It shares the run's record of signals, and its
+    handlers replace the run's only where those are installed."""
+
+    def __init__(self, run_signals: StopSignals) -> None:
+        super().__init__()
+        self.received = run_signals.received
+        self.replaces = run_signals.installed
+        self.on_second: Callable[[], None] | None = None
+        self.deferred = False
+
+    def __enter__(self) -> "BatchSignals":
+        return super().__enter__() if self.replaces else self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received.append(signum)
+        if len(self.received) == 2 and self.on_second is not None:
+            self.on_second()
+        if not self.deferred and len(self.received) <= 2:
+            raise KeyboardInterrupt
 
     @contextmanager
     def deferring(self) -> Iterator[None]:

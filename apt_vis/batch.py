@@ -30,6 +30,7 @@ from loguru import logger
 
 from visualize_patches import (
     CPU,
+    BatchSignals,
     CUDA_BATCH,
     EXIT_FAILURE,
     EXIT_OK,
@@ -410,7 +411,7 @@ class Executor:
         self.workers = workers
         self.pool = None
         self.inflight: dict[Future, Job | None] = {}
-        self.hold = hold  # StopSignals.holding: a stop signal waits until a task is handed over and noted
+        self.hold = hold  # BatchSignals.holding: a stop signal waits until a task is handed over and noted
         if workers > 1:
             fork = _fork_is_safe()
             logger.debug(f"{workers} workers forked from this process" if fork else
@@ -645,13 +646,13 @@ def run_inputs(inputs: Sequence[str], args: argparse.Namespace, settings: Settin
                                                    not args.quiet and len(found.jobs) > 1, args.ray_address)
         logger.info(f"{len(found.jobs)} inputs found, {found.skipped} other files skipped{hidden}; "
                     f"{args.workers} workers, device {scorer.device}")
-        return run_batch(found, args.output, settings, options, scorer, args.workers,
-                                            args.skip_existing, show_progress=not args.quiet and len(found.jobs) > 1,
-                                            signals=signals)
+        with BatchSignals(signals) as batch_signals:
+            return run_batch(found, args.output, settings, options, scorer, args.workers, args.skip_existing,
+                             show_progress=not args.quiet and len(found.jobs) > 1, signals=batch_signals)
 
 
 def run_batch(found: Discovery, out_root: Path, settings: Settings, options: RenderOptions, scorer: Scorer,
-              workers: int, skip_existing: bool, show_progress: bool, signals: StopSignals) -> int:
+              workers: int, skip_existing: bool, show_progress: bool, signals: BatchSignals) -> int:
     """Every job, then summaries; exit status 1 when any input failed, 128 + N after signal N.
     (Long because the two nested try blocks are the interrupt protocol: the first signal drains
     the inputs in progress, the second kills the workers; the summaries are written either way.)"""
