@@ -91,10 +91,9 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from loguru import logger
@@ -1645,7 +1644,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 class StopSignals:
     """SIGINT, SIGTERM and SIGHUP all act as Ctrl-C: the first two raise KeyboardInterrupt (the run
     stops; staged outputs leave nothing behind), later ones are only recorded. Exit status: 128 +
-    the first signal's number. BatchSignals adds what a batch's worker processes need."""
+    the first signal's number. apt_vis.batch.BatchSignals adds what a batch's worker processes need."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
@@ -1677,56 +1676,6 @@ class StopSignals:
     @property
     def exit_code(self) -> int:
         return 128 + self.received[0] if self.received else EXIT_INTERRUPTED
-
-
-class BatchSignals(StopSignals):
-    """The run's StopSignals while a batch runs. The first signal raises KeyboardInterrupt: the run
-    stops cleanly (inputs in progress finish, summaries are written). The second calls on_second
-    (which kills the workers) and raises again, so the run ends at once. Later ones, and any that
-    arrive while `deferred`, are only recorded. It shares the run's record of signals, and its
-    handlers replace the run's only where those are installed."""
-
-    def __init__(self, run_signals: StopSignals) -> None:
-        super().__init__()
-        self.received = run_signals.received
-        self.replaces = run_signals.installed
-        self.on_second: Callable[[], None] | None = None
-        self.deferred = False
-
-    def __enter__(self) -> "BatchSignals":
-        return super().__enter__() if self.replaces else self
-
-    def _handle(self, signum: int, frame) -> None:
-        self.received.append(signum)
-        if len(self.received) == 2 and self.on_second is not None:
-            self.on_second()
-        if not self.deferred and len(self.received) <= 2:
-            raise KeyboardInterrupt
-
-    @contextmanager
-    def deferring(self) -> Iterator[None]:
-        """Signals during the block are recorded, not raised (short, must-finish work)."""
-        self.deferred = True
-        try:
-            yield
-        finally:
-            self.deferred = False
-
-    @contextmanager
-    def holding(self) -> Iterator[None]:
-        """Signals during the block are raised when it ends, as they would have been during it: a
-        few statements that must happen together (handing an input to the workers and noting it)."""
-        if self.deferred:  # already inside deferring(): that decides
-            yield
-            return
-        before = len(self.received)
-        self.deferred = True
-        try:
-            yield
-        finally:
-            self.deferred = False
-        if before < 2 and len(self.received) > before:
-            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------

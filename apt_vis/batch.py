@@ -20,8 +20,9 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -30,7 +31,6 @@ from loguru import logger
 
 from visualize_patches import (
     CPU,
-    BatchSignals,
     CUDA_BATCH,
     EXIT_FAILURE,
     EXIT_OK,
@@ -622,6 +622,56 @@ def check_batch_paths(found: Discovery, out_root: Path, settings: Settings, opti
         if os.path.join(paths.out_real, name) in folders:
             raise ToolError(f"{out_root / name}: is both an input's output folder and a batch file; "
                             "rename that input or choose another -o")
+
+
+class BatchSignals(StopSignals):
+    """The run's StopSignals while a batch runs. The first signal raises KeyboardInterrupt: the run
+    stops cleanly (inputs in progress finish, summaries are written). The second calls on_second
+    (which kills the workers) and raises again, so the run ends at once. Later ones, and any that
+    arrive while `deferred`, are only recorded. It shares the run's record of signals, and its
+    handlers replace the run's only where those are installed."""
+
+    def __init__(self, run_signals: StopSignals) -> None:
+        super().__init__()
+        self.received = run_signals.received
+        self.replaces = run_signals.installed
+        self.on_second: Callable[[], None] | None = None
+        self.deferred = False
+
+    def __enter__(self) -> "BatchSignals":
+        return super().__enter__() if self.replaces else self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received.append(signum)
+        if len(self.received) == 2 and self.on_second is not None:
+            self.on_second()
+        if not self.deferred and len(self.received) <= 2:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def deferring(self) -> Iterator[None]:
+        """Signals during the block are recorded, not raised (short, must-finish work)."""
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Signals during the block are raised when it ends, as they would have been during it: a
+        few statements that must happen together (handing an input to the workers and noting it)."""
+        if self.deferred:  # already inside deferring(): that decides
+            yield
+            return
+        before = len(self.received)
+        self.deferred = True
+        try:
+            yield
+        finally:
+            self.deferred = False
+        if before < 2 and len(self.received) > before:
+            raise KeyboardInterrupt
 
 
 def run_inputs(inputs: Sequence[str], args: argparse.Namespace, settings: Settings, options: RenderOptions,

@@ -423,7 +423,7 @@ def test_an_input_submitted_as_a_signal_arrives_is_still_counted(monkeypatch):
     summary.csv). The signal is raised once the hand-over is complete."""
     from concurrent.futures import ProcessPoolExecutor
 
-    signals = vp.BatchSignals(vp.StopSignals())
+    signals = apt_batch.BatchSignals(vp.StopSignals())
     submit = ProcessPoolExecutor.submit
 
     def submit_then_signal(self, fn, *args, **kwargs):
