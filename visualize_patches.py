@@ -20,6 +20,7 @@ apt_vis/ next to it adds the rest, one module per capability, each importing thi
   apt_vis/thresholds.py   --target-ratio, sweeps
   apt_vis/pictures.py     importance overlays, the summary panel, the batch plot
   apt_vis/pages.py        explorer.html and report.html (from apt_vis/static/)
+  apt_vis/encode.py       the fast PNG writer (ISA-L) and the thread that encodes while pictures are drawn
   apt_vis/torch_backend.py  the scorers in torch and PatchTokenizer: --device cuda, upsample_mse
 
 Sections, top to bottom:
