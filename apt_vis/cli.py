@@ -24,6 +24,8 @@ def main() -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop_during_start_up)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the script does: see visualize_patches.py
+    autoinit = os.environ.get("LOGURU_AUTOINIT")
+    os.environ["LOGURU_AUTOINIT"] = "False"  # as the script does: cli() adds the one handler
     try:
         import visualize_patches
     except ModuleNotFoundError as exc:
@@ -31,4 +33,9 @@ def main() -> None:
             raise
         sys.stderr.write(f"ERROR   {exc.name} is not installed: {INSTALL_HINTS[exc.name]}\n")
         sys.exit(1)
+    finally:
+        if autoinit is None:
+            del os.environ["LOGURU_AUTOINIT"]
+        else:
+            os.environ["LOGURU_AUTOINIT"] = autoinit
     sys.exit(visualize_patches.cli())
