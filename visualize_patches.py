@@ -1872,7 +1872,8 @@ def parse_args(argv: Sequence[str] | None,
     parser.raise_errors = raise_errors
     args = parser.parse_args(argv)
     device = "cpu"  # the core alone analyses on the CPU: --device auto stays there
-    if args.device == "cuda" or (args.device == "auto" and has_extensions()):
+    if args.device == "cuda" or (args.device == "auto" and has_extensions()
+                                 and extension("machine").nvidia_gpu_visible()):
         try:
             device = extension("torch_backend").resolve_device(args.device)  # the CUDA path
         except ToolError as exc:

@@ -1,5 +1,5 @@
 """What this machine gives the tool: usable CPU cores and available memory, cgroup v2 limits
-included, hence --workers' default; and the heap of a process that analyses input after input
+included, hence --workers' default; whether an NVIDIA GPU is visible (without torch); and the heap of a process that analyses input after input
 (glibc's thresholds, trims). No import of the core: cheap enough for every start-up."""
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ WORKER_MEMORY_BUDGET = 512 * 2**20
 MEMINFO = "/proc/meminfo"
 PROC_SELF_CGROUP = "/proc/self/cgroup"  # cgroup v2's line "0::/path": this process's group
 CGROUP_ROOT = "/sys/fs/cgroup"  # where cgroup v2 is mounted (v1's limits are not read)
+
+
+def nvidia_gpu_visible() -> bool:
+    """Whether this process may see an NVIDIA GPU, without importing torch: the driver's device
+    files or /proc entry exist and CUDA_VISIBLE_DEVICES does not hide every device (empty or -1).
+    --device auto imports torch only when this holds (a CPU run never imports it)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+        return False
+    return os.path.exists("/proc/driver/nvidia") or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 def _cgroup_folders() -> list[Path]:

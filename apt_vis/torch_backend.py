@@ -7,8 +7,6 @@ visualize_patches reaches it through extension("torch_backend")."""
 from __future__ import annotations
 
 import functools
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
@@ -31,18 +29,10 @@ from visualize_patches import (
     padded_cells,
     select_patches_np,
 )
+from apt_vis.machine import nvidia_gpu_visible
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it is used
     import torch
-
-
-def nvidia_gpu_visible() -> bool:
-    """Whether this process may see an NVIDIA GPU, without importing torch: the driver's device
-    files or /proc entry exist and CUDA_VISIBLE_DEVICES does not hide every device (empty or -1).
-    --device auto imports torch only when this holds (a CPU run never imports it)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
-        return False
-    return os.path.exists("/proc/driver/nvidia") or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
 TORCH_INSTALL_HINT = ("pip install torch (CPU only: pip install torch --index-url "
@@ -74,7 +64,7 @@ def resolve_device(requested: str) -> str:
     (else a ToolError), or for 'auto' when an NVIDIA GPU is visible and torch sees CUDA (torch
     is imported only then), else 'cpu'."""
     if requested == "auto":
-        return "cuda" if nvidia_gpu_visible() and cuda_available() else "cpu"
+        return "cuda" if nvidia_gpu_visible() and cuda_available() else "cpu"  # the core probed first
     require_torch("--device cuda")
     if not cuda_available():
         raise ToolError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")

@@ -100,14 +100,15 @@ def test_device_auto_without_the_package_stays_on_the_cpu(monkeypatch):
     """The CUDA path lives in apt_vis: a copied core on a GPU machine analyses on the CPU by
     default instead of failing; --device cuda says what it needs."""
     import visualize_patches as vp
-    from apt_vis import torch_backend
+    from apt_vis import machine, torch_backend
 
     def missing(name):
         raise vp.ToolError(f"apt_vis.{name} not found: visualize_patches.py needs the apt_vis package next to it")
 
     monkeypatch.setattr(vp, "has_extensions", lambda: False)
     monkeypatch.setattr(vp, "extension", missing)
-    monkeypatch.setattr(torch_backend, "nvidia_gpu_visible", lambda: True)
+    for module in (machine, torch_backend):  # a GPU machine, as far as the tool can tell
+        monkeypatch.setattr(module, "nvidia_gpu_visible", lambda: True)
     monkeypatch.setattr(torch_backend, "cuda_available", lambda: True)
     assert vp.parse_args([str(PEARL)])[3].device == "cpu"
     try:

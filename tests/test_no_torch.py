@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import visualize_patches as vp
-from apt_vis import torch_backend
+from apt_vis import machine
 from conftest import PEARL, run_cli
 
 # Loaded by every interpreter the tool starts (the main process, the forkserver and its workers):
@@ -81,6 +81,21 @@ def test_auto_looks_for_a_gpu_before_importing_torch(monkeypatch, visible, drive
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    monkeypatch.setattr(torch_backend.os.path, "exists", lambda p: driver and p == "/proc/driver/nvidia")
-    monkeypatch.setattr(torch_backend.Path, "glob", lambda self, pattern: iter(()))
-    assert torch_backend.nvidia_gpu_visible() is expected
+    monkeypatch.setattr(machine.os.path, "exists", lambda p: driver and p == "/proc/driver/nvidia")
+    monkeypatch.setattr(machine.Path, "glob", lambda self, pattern: iter(()))
+    assert machine.nvidia_gpu_visible() is expected
+
+
+def test_default_cpu_run_does_not_load_the_torch_module():
+    """Without a visible GPU, --device auto decides from the machine probe alone: it does not even
+    import apt_vis/torch_backend.py (3.7 ms of every run), let alone torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, visualize_patches as vp; vp.parse_args([sys.argv[1]]); "
+            "print(sorted(m for m in ('apt_vis.torch_backend', 'torch') if m in sys.modules))")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU visible, whatever this machine has
+    proc = subprocess.run([sys.executable, "-c", code, str(PEARL)], capture_output=True, text=True, env=env,
+                          cwd=Path(vp.__file__).parent)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
