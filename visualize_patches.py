@@ -1528,7 +1528,8 @@ class PictureTasks:
 
 
 def _heatmap_png(result: ImageResult, patch_size: int) -> PngPicture:
-    # flat colours and text: level 1 is as small as level 3 (+2%) in half the time
+    # flat colours and text: zlib's level 1 is as small as its level 3 (+2%) in half the time;
+    # ISA-L's level 1 (apt_vis.encode) is 12% larger again, in a tenth of zlib's level-1 time
     return PngPicture(np.asarray(scale_heatmap(result, patch_size)), compress_level=1)
 
 

@@ -31,12 +31,17 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
 PNG_ROWS_PER_CHUNK = 64  # rows filtered and deflated at a time: small buffers, warm caches
 
 
+FAST_LEVELS = (1, 2)  # zlib levels deflated by ISA-L at the same level number (see _deflater)
+
+
 def _deflater(compress_level: int):
-    """A deflate stream at zlib's compress_level (0-9): ISA-L's when installed (levels 1-3 are its
-    0-3 scale's fast end; above 3, its best, 3), else zlib's."""
-    if fast_zlib is None or compress_level == 0:  # 0: stored, which ISA-L has not
-        return zlib.compressobj(compress_level)
-    return fast_zlib.compressobj(min(compress_level, 3))
+    """A deflate stream at zlib's compress_level (0-9). Levels 1 and 2, the fast ones the pictures
+    use, by ISA-L when installed: 4x to 10x zlib's speed, files 2 % (photographs) to 12 % (flat
+    heatmaps) larger. Others by zlib: ISA-L's best (3) is larger than its level 1 and slower than
+    zlib's level 3 (measured on the batch plot: 54.6 KB in 3.7 ms against zlib level 6's 40.7 KB)."""
+    if fast_zlib is not None and compress_level in FAST_LEVELS:
+        return fast_zlib.compressobj(compress_level)
+    return zlib.compressobj(compress_level)
 
 
 def encode_png_pixels(pixels: np.ndarray, compress_level: int = 3) -> bytes:
