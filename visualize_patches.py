@@ -1128,14 +1128,11 @@ class staged_output:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
-                items = sorted(self.staging.iterdir(), key=lambda item: (item.name == "stats.json", item.name))
-                if items and items[-1].name == "stats.json" and not self.created:
-                    (self.out_dir / "stats.json").unlink(missing_ok=True)
-                for item in items:
-                    os.replace(item, self.out_dir / item.name)
+                self._move_into_place()
             elif issubclass(exc_type, OSError):
                 raise ToolError(f"{self.out_dir}: writing {self.what} failed ({exc.strerror or exc})") from None
         except OSError as err:
+            exc_type = type(err)
             raise ToolError(f"{self.out_dir}: writing {self.what} failed ({err.strerror or err})") from None
         finally:
             try:
@@ -1144,6 +1141,23 @@ class staged_output:
                 shutil.rmtree(self.staging, ignore_errors=True)
             if exc_type is not None:
                 _remove_empty_folders(self.created)
+
+    def _move_into_place(self) -> None:
+        """Rename the staged files into out_dir, stats.json last. If a rename fails in a folder
+        made for this block, the files moved already go again (the folder is then removed)."""
+        items = sorted(self.staging.iterdir(), key=lambda item: (item.name == "stats.json", item.name))
+        if items and items[-1].name == "stats.json" and not self.created:
+            (self.out_dir / "stats.json").unlink(missing_ok=True)
+        moved = []
+        try:
+            for item in items:
+                os.replace(item, self.out_dir / item.name)
+                moved.append(self.out_dir / item.name)
+        except OSError:
+            if self.created:
+                for path in moved:
+                    path.unlink(missing_ok=True)
+            raise
 
 
 def write_files(out_dir: Path, files: Mapping[str, bytes], what: str = "outputs") -> None:

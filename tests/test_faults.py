@@ -475,3 +475,44 @@ def test_a_second_signal_after_the_workers_are_shut_down_is_harmless():
     assert executor.submit(os.getpid).result(timeout=30) != os.getpid()
     executor.shutdown()
     executor.kill()
+
+
+def test_staged_writes_clear_a_killed_runs_staging_folder(tmp_path):
+    """A staging folder left by a killed run in an existing output folder is removed by the next
+    write there; a folder made by the write itself holds exactly the files written."""
+    old = tmp_path / "old"
+    stale = old / f"{vp.STAGING_PREFIX}killed"
+    stale.mkdir(parents=True)
+    (stale / "stats.json").write_text("{}")
+    vp.write_files(old, {"a.txt": b"a", "stats.json": b"{}"})
+    assert sorted(p.name for p in old.iterdir()) == ["a.txt", "stats.json"]
+    new = tmp_path / "new" / "deeper"
+    vp.write_files(new, {"a.txt": b"a", "stats.json": b"{}"})
+    assert sorted(p.name for p in new.iterdir()) == ["a.txt", "stats.json"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_failed_rename_leaves_no_partial_folder(tmp_path, monkeypatch, existing):
+    """If moving the staged files into place fails midway (a full directory, say), a folder the
+    write made is removed with what was moved into it (nothing half-written); an existing folder
+    keeps what it had and gains no stats.json (so it does not look complete)."""
+    out = tmp_path / "out" / "image"
+    if existing:
+        out.mkdir(parents=True)
+        (out / "earlier.txt").write_text("earlier")
+    replace, calls = os.replace, []
+
+    def failing_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        replace(src, dst)
+
+    monkeypatch.setattr(vp.os, "replace", failing_replace)
+    with pytest.raises(vp.ToolError, match="No space left on device"):
+        vp.write_files(out, {"a.txt": b"a", "b.txt": b"b", "stats.json": b"{}"})
+    if existing:
+        assert "stats.json" not in {p.name for p in out.iterdir()} and (out / "earlier.txt").exists()
+        assert not [p for p in out.iterdir() if p.name.startswith(vp.STAGING_PREFIX)]
+    else:
+        assert not (tmp_path / "out").exists()
