@@ -1021,10 +1021,8 @@ def encode_png(image: Image.Image | np.ndarray, compress_level: int = 3) -> byte
     """Lossless PNG of a PIL image or an (H, W[, 3 | 4]) uint8 array: apt_vis.encode's writer for
     8-bit gray, RGB and RGBA (numpy and ISA-L: 4x PIL's speed, on any thread) when the package is
     there, else PIL's."""
-    if isinstance(image, Image.Image) and image.mode in PNG_MODES:
-        image = np.asarray(image)
-    if isinstance(image, np.ndarray) and has_extensions():
-        return extension("encode").encode_png_pixels(image, compress_level)
+    if has_extensions() and (isinstance(image, np.ndarray) or image.mode in PNG_MODES):
+        return extension("encode").encode_png_pixels(np.asarray(image), compress_level)
     buf = io.BytesIO()
     (Image.fromarray(image) if isinstance(image, np.ndarray) else image).save(buf, format="PNG",
                                                                              compress_level=compress_level)
@@ -1549,7 +1547,7 @@ def _heatmap_png(result: ImageResult, patch_size: int) -> PngPicture:
 
 def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> dict[str, bytes]:
     """All per-image outputs, encoded, keyed by file name. The order of the pictures keeps the
-    PNG encoder thread busy (PictureTasks): the long PNGs early, between other work."""
+    PNG encoder thread (apt_vis.encode.PictureThreads) busy: the long PNGs early, between other work."""
     p, settings = result.prepared, result.settings
     counts = patch_counts(result.masks)
     tasks = extension("encode").PictureThreads(not options.stats_only) if has_extensions() else PictureTasks()
@@ -1674,6 +1672,7 @@ class StopSignals:
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+        self._previous = {}
 
     @property
     def installed(self) -> bool:

@@ -232,7 +232,6 @@ BATCH_FILE_NAMES = ("summary.csv", "summary.json", "summary.png", "report.html")
 BATCH_SWEEP_NAMES = ("threshold_sweep.csv", "threshold_sweep.png")  # batch sweeps always plot
 
 
-
 def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = None,
              id_column: str | None = None) -> Discovery:
     """Expand files, folders (recursively) and glob patterns into jobs.

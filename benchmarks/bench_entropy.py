@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The numpy entropy (visualize_patches.entropy_maps_np) before and after a change, in one run:
-the function of a git revision (default: the first commit of this benchmark's branch point, see
---before) against the working tree's, on a photo resized to several sizes, T = 1 and T = 2,
+the function of a git revision (--before; default be268b6, the last commit before the change it was
+written for) against the working tree's, on a photo resized to several sizes, T = 1 and T = 2,
 patch sizes 14/28/56 and Qwen3-VL's 16/32/64. Medians of warm calls, interleaved so that the
 load of other processes on the machine affects both alike; the spread is the min-max of the
 per-round medians. The outputs are checked bit-identical first.
