@@ -351,7 +351,9 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str, mod
                 "APT patches", nice_ticks(0, top, 7), nice_ticks(0, top, 7))
     if entries:
         right.legend("left", entries)
-    return encode_png(canvas.reduce(s), compress_level=6)  # = resize(PLOT_SIZE, BOX) within 1 level, 4x faster
+    # reduce: = resize(PLOT_SIZE, BOX) within 1 level, 4x faster; level 1 (ISA-L): 45 KB in 0.7 ms,
+    # against zlib level 6's 32 KB in 7 ms, on every batch run
+    return encode_png(canvas.reduce(s), compress_level=1)
 
 
 def importance_overlay_picture(result, patch_size: int) -> PngPicture:
