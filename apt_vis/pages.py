@@ -159,4 +159,12 @@ def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence
            f'p10 {ratio["p10"]:.4f}, p90 {ratio["p90"]:.4f}; overall {ratio["overall"]:.4f}.' if ratio else ".")
     )
     return _page("report", stats_line=stats_line, head=head, rows="\n".join(body), failed=len(failed),
-                 failures=failures)
+                 failures=failures, links_note=_links_note([r.get("pictures", True) for r in ok]))
+
+
+def _links_note(pictures: Sequence[bool]) -> str:
+    """Where the report's links go: explorers, or stats.json for inputs without pictures (--stats-only)."""
+    if not any(pictures):
+        return "Each name links to that input's stats.json (a --stats-only run draws no pictures)."
+    note = "Thumbnails link to each image's interactive explorer (a video's: its animated overlay)."
+    return note + (" Rows without a thumbnail link to their stats.json." if not all(pictures) else "")

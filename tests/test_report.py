@@ -65,3 +65,21 @@ def test_batch_progress_counts_inputs_once_per_pass(tmp_path):
     bars = proc.stderr.replace("\r", "\n")
     assert "scoring: 100%" in bars and "writing: 100%" in bars
     assert "3/3" in bars and "6/6" not in bars and "/6 " not in bars
+
+
+def _row(name: str, pictures: bool) -> dict:
+    return {"path": name, "output": name, "status": "ok", "kind": "image", "pictures": pictures,
+            "retained_ratio": 0.5, "apt_patches": 2, "uniform_patches": 4, "qwen2vl_tokens": 1,
+            "original_width": 30, "original_height": 30, "resized_width": 28, "resized_height": 28}
+
+
+def test_report_says_where_its_links_go():
+    """A --stats-only batch has no thumbnails or explorers: its report must not say that thumbnails
+    link to explorers (its names link to each stats.json); a mixed run says both."""
+    summary = {**SUMMARY, "target_ratio": None}
+    none = pages.report_html([_row("a.jpg", False)], summary, (14, 28, 56), "Qwen2-VL")
+    assert "Thumbnails link" not in none and "stats.json" in none.split("<table")[0]
+    every = pages.report_html([_row("a.jpg", True)], summary, (14, 28, 56), "Qwen2-VL")
+    assert "Thumbnails link to each image's interactive explorer" in every
+    mixed = pages.report_html([_row("a.jpg", True), _row("b.jpg", False)], summary, (14, 28, 56), "Qwen2-VL")
+    assert "Thumbnails link" in mixed and "without a thumbnail" in mixed
