@@ -198,7 +198,7 @@ SAMPLE_IMAGE = "pearl_earring.jpg"  # in apt_vis/data/ (provenance and licence: 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-CONTAINER_EXTENSIONS = (".tar", ".parquet")  # datasets: WebDataset shards, Parquet tables (apt_vis.datasets)
+CONTAINER_EXTENSIONS = {".tar": "tar", ".parquet": "parquet"}  # WebDataset shards, Parquet tables (apt_vis.datasets)
 
 # Rendering.
 BORDER_GREEN = (0, 255, 0)
@@ -988,14 +988,19 @@ def sniff_kind(path: Path) -> str | None:
     return None
 
 
-def kind_of(path: Path) -> str | None:
-    """'image' or 'video' by extension, else by content; None for other files."""
-    suffix = path.suffix.lower()
+def kind_by_name(name: str) -> str | None:
+    """'image' or 'video' by the name's extension, else None."""
+    suffix = os.path.splitext(name)[1].lower()
     if suffix in IMAGE_EXTENSIONS:
         return "image"
     if suffix in VIDEO_EXTENSIONS:
         return "video"
-    return sniff_kind(path)
+    return None
+
+
+def kind_of(path: Path) -> str | None:
+    """'image' or 'video' by extension, else by content; None for other files."""
+    return kind_by_name(path.name) or sniff_kind(path)
 
 
 @dataclass(frozen=True)

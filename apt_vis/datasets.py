@@ -10,28 +10,20 @@ Discovery lists containers (`tar_members`, `parquet_members`); `read_member` rea
 from __future__ import annotations
 
 import functools
-import os
 import re
 import tarfile
 from pathlib import Path
 from urllib.parse import quote
 
-from visualize_patches import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Job, ToolError
+from visualize_patches import CONTAINER_EXTENSIONS, Job, ToolError, kind_by_name
 
-TAR_SUFFIXES = (".tar",)
-PARQUET_SUFFIXES = (".parquet",)
 PARQUET_HINT = "pip install pyarrow (or pip install 'visualize-patches[parquet]')"
 TAR_BLOCK = 512
 
 
 def container_kind(path: Path) -> str | None:
     """'tar' or 'parquet' by extension, else None."""
-    suffix = path.suffix.lower()
-    if suffix in TAR_SUFFIXES:
-        return "tar"
-    if suffix in PARQUET_SUFFIXES:
-        return "parquet"
-    return None
+    return CONTAINER_EXTENSIONS.get(path.suffix.lower())
 
 
 _RANGE = re.compile(r"\{(-?\d+)\.\.(-?\d+)\}")
@@ -64,15 +56,6 @@ def _safe_member_name(name: str) -> str | None:
     return "/".join(parts)
 
 
-def _kind_by_name(name: str) -> str | None:
-    suffix = os.path.splitext(name)[1].lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return "image"
-    if suffix in VIDEO_EXTENSIONS:
-        return "video"
-    return None
-
-
 def tar_members(shard: Path) -> tuple[list[tuple[str, str, tuple]], list[tuple[str, str]], int]:
     """List a shard without reading its members' data: ([(relative name, kind, member)],
     [(relative name or '', reason)], other members skipped). The listing stops at damage: members
@@ -101,7 +84,7 @@ def tar_members(shard: Path) -> tuple[list[tuple[str, str, tuple]], list[tuple[s
             end = info.offset_data + -(-info.size // TAR_BLOCK) * TAR_BLOCK
             if not info.isreg():
                 continue
-            kind = _kind_by_name(info.name)
+            kind = kind_by_name(info.name)
             if kind is None:
                 skipped += 1
                 continue
