@@ -61,7 +61,6 @@ from visualize_patches import (
     prepare_image,
     reusable_stats,
     run_input,
-    run_one,
     score_input,
     write_files,
     _inside,
@@ -223,7 +222,6 @@ def _keyed(path: Path, root: Path) -> tuple[str, str]:
 class Discovery:
     jobs: list[Job]
     skipped: int  # files that are neither images nor videos
-    flat: bool  # a single file: outputs directly in the output directory
     failed: list[tuple[str, str]]  # (label, one-line reason): entries found that cannot be read
     hidden: int  # hidden entries skipped (names starting with "."; a hidden folder counts once)
 
@@ -240,17 +238,14 @@ def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = N
     'shards/{000..099}.tar' expanded) give one job per image inside (see apt_vis.datasets),
     labelled SHARD.tar/KEY.EXT and FILE.parquet/ID.
 
-    A single existing file keeps the flat layout; anything else gets one
-    folder per input mirroring its path (full file name included) relative to
-    the inputs' common root. Raises ToolError for inputs that match nothing.
+    Each input gets one folder mirroring its path (full file name included) relative to the
+    inputs' common root (a single file outside a container never comes here: the core's run_one
+    writes its outputs straight into the output directory). Raises ToolError for inputs that match nothing.
     Entries that cannot be read (unreadable folders, broken links, link loops)
     become Discovery.failed rather than errors.
     (Long because every kind of input (file, folder, glob, shard, table) meets the same
     bookkeeping of roots, keys, failures and hidden entries in one pass.)
     """
-    if len(inputs) == 1 and Path(inputs[0]).is_file() and container_kind(Path(inputs[0])) is None:
-        path = Path(inputs[0])
-        return Discovery([Job(path, str(path), out_root, kind_of(path) or "image")], 0, True, [], 0)
     inputs = [e for text in inputs for e in (expand_braces(text) if "{" in text and not os.path.exists(text)
                                              else [text])]
     exclude = os.path.realpath(out_root)
@@ -321,7 +316,7 @@ def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = N
         jobs.append(Job(path, relative.as_posix(), out_root / relative, kind, member))
     failures = {key: (Path(os.path.relpath(key, common)).as_posix(), reason) for key, _, reason in problems}
     hidden_keys = {os.path.join(os.path.realpath(p.parent), p.name) for p in hidden}
-    return Discovery(jobs, skipped, False, list(failures.values()), len(hidden_keys))
+    return Discovery(jobs, skipped, list(failures.values()), len(hidden_keys))
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -677,8 +672,6 @@ def run_inputs(inputs: Sequence[str], args: argparse.Namespace, settings: Settin
                scorer: Scorer, signals: StopSignals) -> int:
     """Folders, globs, datasets or several files: one output folder per input, then the summaries."""
     found = discover(inputs, args.output, args.image_column, args.id_column)
-    if found.flat:  # a single file after all (e.g. a .tar that is no tar shard)
-        return run_one(found.jobs[0], args, settings, options, scorer)
     if options.sweep or settings.target_ratio is not None:
         extension("thresholds")
     if any(job.kind == "video" for job in found.jobs):
