@@ -4,7 +4,6 @@ panel and the batch summary plot (pure: arrays in, images or PNG bytes out)."""
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -282,27 +281,10 @@ class _Axes:
             self.text((left + 42, y), label, 13, "lm")
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """numpy.percentile(values, q) (its default 'linear' method), to the last bit: the same
-    index, fraction and interpolation. numpy's calls np.unique, whose first call imports numpy.ma
-    (8 ms of every batch run)."""
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * (q / 100)
-    below = math.floor(position)
-    fraction = position - below
-    a, b = ordered[below], ordered[min(below + 1, len(ordered) - 1)]
-    return b - (b - a) * (1 - fraction) if fraction >= 0.5 else a + (b - a) * fraction
-
-
-def median(values: Sequence[float]) -> float:
-    """numpy.median(values), to the last bit (the middle value, or the mean of the middle two)."""
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
-def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str, model_name: str) -> bytes:
-    """Retained-ratio histogram and APT vs uniform patches per image (PNG bytes), drawn with PIL."""
+def render_batch_summary_plot(rows: Sequence[Mapping], ratio_stats: Mapping | None, thresholds_text: str,
+                              model_name: str) -> bytes:
+    """Retained-ratio histogram and APT vs uniform patches per image (PNG bytes), drawn with PIL;
+    ratio_stats: summary.json's "retained_ratio" (its mean and median are drawn)."""
     ok = [r for r in rows if r["status"] in ("ok", "reused")]
     ratios = np.array([r["retained_ratio"] for r in ok], dtype=float)
     uniform = np.array([r["uniform_patches"] for r in ok], dtype=float)
@@ -322,7 +304,7 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str, mod
             draw.rectangle([xa, ya, xb, yb], fill=HIST_RGB, outline=(255, 255, 255), width=s)
     entries = []
     if ratios.size:
-        for value, name, dash in ((ratios.mean(), "mean", None), (median(ratios.tolist()), "median", 5.0)):
+        for value, name, dash in ((ratio_stats["mean"], "mean", None), (ratio_stats["median"], "median", 5.0)):
             left.line((value, 0), (value, count_top), (0, 0, 0), width=2, dash=dash)
             entries.append((f"{name} {value:.3f}", (0, 0, 0), dash))
     left.frame(f"Retained ratio over {ratios.size} images", "retained ratio (APT patches / uniform patches)",
@@ -345,8 +327,9 @@ def render_batch_summary_plot(rows: Sequence[Mapping], thresholds_text: str, mod
             dots_draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=round(255 * SCATTER_ALPHA))
         canvas.paste(SCATTER_RGB, (x0 - pad, y0 - pad, x1 + pad, y1 + pad), dots)
         right.line((0, 0), (top, top), DIAGONAL_RGB, width=1, dash=4.0)
-        right.line((0, 0), (top, top * ratios.mean()), (0, 0, 0), width=1)
-        entries = [("no saving (APT = uniform)", DIAGONAL_RGB, 4.0), (f"mean ratio {ratios.mean():.3f}", (0, 0, 0), None)]
+        right.line((0, 0), (top, top * ratio_stats["mean"]), (0, 0, 0), width=1)
+        entries = [("no saving (APT = uniform)", DIAGONAL_RGB, 4.0),
+                   (f"mean ratio {ratio_stats['mean']:.3f}", (0, 0, 0), None)]
     right.frame("APT vs uniform patches per image", f"uniform patches ({model_name} ViT patches without APT)",
                 "APT patches", nice_ticks(0, top, 7), nice_ticks(0, top, 7))
     if entries:

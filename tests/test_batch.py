@@ -431,7 +431,7 @@ def test_percentile_is_numpys(values, q):
     """summary.json's p10/median/p90 and the batch plot's median: numpy's values exactly (its
     'linear' percentile, its median), computed without np.unique, whose first call imports
     numpy.ma (8 ms of every batch run)."""
-    from apt_vis.pictures import median, percentile
+    from apt_vis.batch import median, percentile
 
     assert percentile(values, q) == np.percentile(np.array(values), q)
     assert median(values) == np.median(np.array(values))
