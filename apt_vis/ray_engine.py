@@ -70,6 +70,13 @@ def _failure(job: Job, exc: BaseException) -> str:
     return failure_text(exc) if isinstance(exc, ToolError) else f"{job.label}: {failure_text(exc)}"
 
 
+def _step_column(maps_list: list, rows: int) -> list[bytes]:
+    """A batch's maps reduced to one step function (SharedThresholdCounts), pickled into the first
+    of its rows' "step" cells; the other cells empty."""
+    counts = SharedThresholdCounts.from_maps(maps_list) if maps_list else None
+    return [pickle.dumps(counts)] + [b""] * (rows - 1)
+
+
 def _score_batch(batch: dict, settings: Settings) -> dict:
     """Pass 1 of --target-ratio in a Ray worker: per input an error or nothing; the batch's
     maps reduced to one step function (first row of the batch carries it)."""
@@ -82,8 +89,7 @@ def _score_batch(batch: dict, settings: Settings) -> dict:
             errors.append("")
         except Exception as exc:  # noqa: BLE001 - that input's failure
             errors.append(_failure(job, exc))
-    counts = SharedThresholdCounts.from_maps(maps_list) if maps_list else None
-    step = [pickle.dumps(counts)] + [b""] * (len(errors) - 1)
+    step = _step_column(maps_list, len(errors))
     return {"index": np.asarray(batch["index"]), "error": np.array(errors, dtype=object),
             "step": np.array(step, dtype=object)}
 
@@ -108,8 +114,7 @@ def _run_batch(batch: dict, settings: Settings, options: RenderOptions, skip_exi
         reused.append(outcome.reused)
         if want_counts:
             maps_list += outcome.maps or _stored_maps(job, settings)
-    counts = SharedThresholdCounts.from_maps(maps_list) if maps_list else None
-    step = [pickle.dumps(counts)] + [b""] * (len(errors) - 1)
+    step = _step_column(maps_list, len(errors))
     return {"index": np.asarray(batch["index"]), "stats": np.array(stats, dtype=object),
             "error": np.array(errors, dtype=object), "reused": np.array(reused),
             "step": np.array(step, dtype=object)}

@@ -330,6 +330,7 @@ def cuda_maps(images: Sequence[np.ndarray], settings: Settings, device: str,
         num_scales=settings.num_scales, base_patch_size=settings.patch_size, thresholds=settings.thresholds,
         mean=settings.image_mean, std=settings.image_std, method=settings.method, aggregate=settings.aggregate,
     )
+    torch = require_torch("--device cuda")
     results: list[dict[int, np.ndarray] | None] = [None] * len(images)
     by_shape: dict[tuple, list[int]] = {}
     for k, image in enumerate(images):
@@ -340,7 +341,6 @@ def cuda_maps(images: Sequence[np.ndarray], settings: Settings, device: str,
             stacked = np.stack([images[k] if images[k].ndim == 4 else images[k][None] for k in chunk])
             # (B, T, H, W, 3) -> (B, T, 3, H, W); the normalise-and-round trip of
             # compute_importance_maps returns these same uint8 values (tested), so skip it
-            torch = require_torch("--device cuda")
             tensor = torch.from_numpy(stacked).to(device).permute(0, 1, 4, 2, 3)
             maps = tokenizer.importance_from_uint8(tensor)
             arrays = {ps: m.cpu().numpy() for ps, m in maps.items()}
