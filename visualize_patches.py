@@ -1571,7 +1571,6 @@ def image_files(result: ImageResult, stats: Mapping, options: RenderOptions) -> 
         if pictures is not None:
             for ps in sizes[:2]:
                 tasks.add(overlay_name(ps), pictures.importance_overlay_picture, result, ps)
-        if pictures is not None:
             tasks.add("patches_thumbnail.jpg", pictures.thumbnail_jpeg, result, options)
         overlay, overlay_image = patch_overlay(result, options)
         tasks.add("patches_visualization.jpg", encode_jpeg, overlay_image)
