@@ -63,7 +63,9 @@ def source_photos() -> list[Image.Image]:
     return photos
 
 
-def make_dataset(folder: Path, count: int) -> None:
+def make_dataset(folder: Path, count: int) -> Path:
+    """`count` photos of mixed sizes in `folder` (made if missing); the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     photos = source_photos()
     for k in range(count):
@@ -75,6 +77,7 @@ def make_dataset(folder: Path, count: int) -> None:
         crop = photo.crop((x, y, x + w, y + h))
         crop = crop.resize((max(200, int(w * scale)), max(200, int(h * scale))), Image.Resampling.BICUBIC)
         crop.save(folder / f"photo_{k:03d}.jpg", quality=92)
+    return folder
 
 
 def main() -> int:
@@ -92,9 +95,7 @@ def main() -> int:
     settings = vp.Settings()
     with tempfile.TemporaryDirectory(prefix="apt-bench-") as tmp:
         work = Path(tmp)
-        photos = work / "photos"
-        photos.mkdir()
-        make_dataset(photos, args.images)
+        photos = make_dataset(work / "photos", args.images)
         items = []
         for path in sorted(photos.iterdir()):
             with Image.open(path) as image:

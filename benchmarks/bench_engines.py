@@ -27,9 +27,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="apt-bench-") as tmp:
         work = Path(tmp)
-        photos = work / "photos"
-        photos.mkdir()
-        make_dataset(photos, args.images)
+        photos = make_dataset(work / "photos", args.images)
         files = sorted(photos.iterdir())
         shards = work / "shards"
         shards.mkdir()
