@@ -63,6 +63,7 @@ from visualize_patches import (
     reusable_stats,
     run_input,
     score_input,
+    staging_beside,
     write_files,
     _inside,
     _remove_empty_folders,
@@ -822,6 +823,7 @@ def discard_unfinished(job: Job, out_root: Path) -> None:
     """What a killed worker left of one input: its staging folder, and folders left empty."""
     for stale in job.out_dir.glob(f"{STAGING_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
+    shutil.rmtree(staging_beside(job.out_dir), ignore_errors=True)  # a new folder's, staged beside it
     folders = [job.out_dir, *(p for p in job.out_dir.parents if out_root in p.parents)]
     _remove_empty_folders(folders)
 

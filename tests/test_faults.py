@@ -460,10 +460,15 @@ def test_an_input_its_worker_finished_just_before_the_kill_is_counted(tmp_path):
     for path in (jobs[2].out_dir).iterdir():
         os.utime(path, (old, old))
     (jobs[1].out_dir / f"{vp.STAGING_PREFIX}x").mkdir(parents=True)  # killed while writing
+    killed_new = vp.Job(PEARL, "killed_new", out / "sub" / "killed_new", "image")  # a new folder, staged beside
+    beside = out / "sub" / f"{vp.STAGING_PREFIX}killed_new"
+    beside.mkdir(parents=True)
+    (beside / "stats.json").write_text("{}")
     rows = {}
-    apt_batch.account_unfinished(jobs, rows, out, settings, options, started)
+    apt_batch.account_unfinished([*jobs, killed_new], rows, out, settings, options, started)
     assert set(rows) == {jobs[0]} and rows[jobs[0]]["status"] == "ok"
     assert not jobs[1].out_dir.exists()  # its staging folder and the folder made for it: removed
+    assert not (out / "sub").exists()  # the staging folder beside a new folder, and its parent made for it
     assert (jobs[2].out_dir / "stats.json").exists()  # an earlier run's outputs: left as they were
 
 
@@ -491,12 +496,56 @@ def test_staged_writes_clear_a_killed_runs_staging_folder(tmp_path):
     assert sorted(p.name for p in new.iterdir()) == ["a.txt", "stats.json"]
 
 
+def test_a_new_folder_appears_whole(tmp_path):
+    """A folder that does not exist yet is staged beside it (a hidden folder in its parent) and
+    renamed into place whole: it never exists half-written, and no staging folder is left."""
+    out = tmp_path / "out" / "image"
+    with vp.staged_output(out) as staging:
+        (staging / "a.txt").write_bytes(b"a")
+        (staging / "stats.json").write_bytes(b"{}")
+        assert not out.exists()
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "stats.json"]
+    assert [p.name for p in out.parent.iterdir()] == ["image"]
+
+
+def test_a_killed_runs_staging_folder_beside_a_new_folder_is_replaced(tmp_path):
+    """What a killed run left staged beside a folder it was making is removed by the next write,
+    not mixed into the folder."""
+    out = tmp_path / "out" / "image"
+    stale = out.parent / f"{vp.STAGING_PREFIX}image"
+    stale.mkdir(parents=True)
+    (stale / "old.txt").write_text("killed")
+    vp.write_files(out, {"a.txt": b"a", "stats.json": b"{}"})
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "stats.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["image"]
+
+
+def test_a_failed_write_into_a_new_folder_leaves_nothing(tmp_path, monkeypatch):
+    """An error while a new folder is staged, or when it is renamed into place (a full disk, say),
+    leaves neither the folder nor its staging folder nor the parents made for it."""
+    out = tmp_path / "out" / "image"
+    with pytest.raises(RuntimeError):
+        with vp.staged_output(out) as staging:
+            (staging / "a.txt").write_bytes(b"a")
+            raise RuntimeError("failed while rendering")
+    assert not (tmp_path / "out").exists()
+
+    def failing_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(vp.os, "rename", failing_rename)
+    with pytest.raises(vp.ToolError, match="No space left on device"):
+        vp.write_files(out, {"a.txt": b"a", "stats.json": b"{}"})
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_a_failed_rename_leaves_no_partial_folder(tmp_path, monkeypatch, existing):
     """If moving the staged files into place fails midway (a full directory, say), a folder the
     write made is removed with what was moved into it (nothing half-written); an existing folder
-    keeps what it had and gains no stats.json (so it does not look complete)."""
-    out = tmp_path / "out" / "image"
+    keeps what it had and gains no stats.json (so it does not look complete). (A new folder is
+    staged inside itself, file by file, only when its name is too long to stage it beside.)"""
+    out = tmp_path / "out" / ("image" if existing else "x" * 250)
     if existing:
         out.mkdir(parents=True)
         (out / "earlier.txt").write_text("earlier")
