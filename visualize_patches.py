@@ -40,8 +40,8 @@ import signal
 import sys
 
 if __name__ == "__main__":
-    # Run as a script. Until cli() installs its own handlers, a stop signal while the imports run
-    # (torch alone takes over a second) ends the run with one line instead of a traceback. Then
+    # Run as a script (or as the installed command: apt_vis/cli.py). Until cli() installs its own
+    # handlers, a stop signal while the imports run ends the run with one line instead of a traceback. Then
     # this file runs as the module `visualize_patches`, so that the apt_vis extensions (which
     # import visualize_patches) and worker processes all see one module, not a __main__ copy.
     import importlib.util
@@ -64,13 +64,6 @@ if __name__ == "__main__":
     os.environ["LOGURU_AUTOINIT"] = "False"
     try:  # this file's code, compiled once already to run as __main__: run it again, not compile it again
         exec(sys._getframe(0).f_code, _core.__dict__)
-    except ModuleNotFoundError as _missing:
-        if _missing.name != "torch":
-            raise
-        # torch is an extra of the pip package (see the README's Set-up): one line, not a traceback
-        sys.stderr.write("ERROR   torch is not installed: pip install torch (CPU only: pip install torch "
-                         "--index-url https://download.pytorch.org/whl/cpu); see the README's Set-up\n")
-        sys.exit(1)
     finally:
         if _autoinit is None:
             del os.environ["LOGURU_AUTOINIT"]
