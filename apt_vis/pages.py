@@ -159,8 +159,8 @@ def report_html(rows: Sequence[Mapping], summary: Mapping, patch_sizes: Sequence
         failures += part["more_failures"].substitute(count=f"{len(failed) - REPORT_ROWS:,}")
     ratio = summary["retained_ratio"]
     stats_line = (
-        f'{summary["images"]["ok"] + summary["images"]["reused"]} images analysed, {summary["images"]["failed"]} failed, '
-        f'{summary["files_skipped"]} other files skipped. Thresholds {", ".join(f"{t:g}" for t in summary["thresholds"])}'  # full precision: summary.json
+        f'{summary["images"]["ok"] + summary["images"]["reused"]:,} images analysed, {summary["images"]["failed"]:,} failed, '
+        f'{summary["files_skipped"]:,} other files skipped. Thresholds {", ".join(f"{t:g}" for t in summary["thresholds"])}'  # full precision: summary.json
         + (f' (chosen for target ratio {summary["target_ratio"]:g})' if summary.get("target_ratio") else "")
         + (f'. Retained ratio mean {ratio["mean"]:.4f}, median {ratio["median"]:.4f}, '
            f'p10 {ratio["p10"]:.4f}, p90 {ratio["p90"]:.4f}; overall {ratio["overall"]:.4f}.' if ratio else ".")
