@@ -629,6 +629,9 @@ def check_batch_paths(found: Discovery, out_root: Path, settings: Settings, opti
         real, shown = paths.out_real, out_root
         parts = Path(job.label).parts
         for k, part in enumerate(parts):
+            if part.startswith(STAGING_PREFIX):  # removed as a killed run's leftover, or a sibling's staging
+                raise ToolError(f"{job.path}: its output folder {shown / part} would be named like this tool's "
+                                f"hidden staging folders ({STAGING_PREFIX}*); rename it or its folder")
             real, shown = child(real, part), shown / part
             paths.check(real, shown, f"output folder of {job.label}", folder=k == len(parts) - 1)
         folders.add(real)

@@ -86,6 +86,20 @@ def test_input_named_like_a_batch_file_in_the_output(tmp_path, capsys, name, ext
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("label", [".staging-a.png", ".staging-d/x.png"])
+def test_input_named_like_a_staging_folder(tmp_path, capsys, monkeypatch, label):
+    """An input given by name whose output folder (or a folder on the way to it) would be named like
+    the tool's hidden staging folders (.staging-*) is refused before anything is written: such a
+    folder is removed as a killed run's leftover (the summaries' write removed .staging-a.png/ with
+    that input's outputs, while summary.csv counted it as done), or is where a sibling is staged."""
+    tiny_png(tmp_path / label, 1)
+    tiny_png(tmp_path / "a.png", 2)
+    before = snapshot(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert vp.STAGING_PREFIX in refused(capsys, label, "a.png", "-o", "out", "--stats-only")
+    assert snapshot(tmp_path) == before
+
+
 def test_input_inside_a_per_input_folder(tmp_path, capsys, monkeypatch):
     """out/x.png/original_image.jpg is an input, and out/x.png/ is where x.png's outputs go."""
     tiny_png(tmp_path / "x.png", 1)
