@@ -72,6 +72,7 @@ if __name__ == "__main__":
     sys.exit(_core.cli())
 
 import argparse
+import errno
 import fcntl
 import functools
 import gc
@@ -1071,7 +1072,6 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 STAGING_PREFIX = ".staging-"  # hidden folder where one input's outputs are written before they are renamed into place
-NAME_MAX = 255  # bytes in a file name (Linux and macOS file systems)
 LOCK_NAME = ".visualize_patches.lock"  # in the output directory while a run writes there; holds the run's PID
 
 
@@ -1103,32 +1103,39 @@ class staged_output:
     A folder that does not exist yet is staged beside it (staging_beside: in its parent) and
     renamed into place whole, so it appears complete or not at all; per input that is two
     directory operations fewer than staging inside it, which counts on network file systems.
-    Into an existing folder, the staged files are renamed one by one, stats.json last (an older
-    one removed first): a folder with a stats.json is complete. What a killed run left staged is
-    removed first (the output lock makes sure no other run is writing there)."""
+    Into an existing folder (or one that appeared meanwhile, or whose name is too long to stage
+    beside it), the staged files are renamed one by one, stats.json last (an older one removed
+    first): a folder with a stats.json is complete. What a killed run left staged is removed
+    first (the output lock makes sure no other run is writing there)."""
 
     def __init__(self, out_dir: Path, what: str = "outputs"):
         self.out_dir = out_dir
         self.what = what
         self.staging: Path | None = None
-        self.created: list[Path] = []
-        self.whole = False  # staged beside out_dir, renamed into place whole
+        self.created: list[Path] = []  # folders made for this block, out_dir's parents included
+        self.made_out_dir = False  # out_dir itself is one of them
+        self.whole = False  # staged beside out_dir, to be renamed into place whole
 
     def __enter__(self) -> Path:
         try:
-            beside = staging_beside(self.out_dir)
-            self.whole = not os.path.lexists(self.out_dir) and len(os.fsencode(beside.name)) <= NAME_MAX
-            if self.whole:
+            if not os.path.lexists(self.out_dir):
                 self.created = _make_folders(self.out_dir.parent)
+                beside = staging_beside(self.out_dir)
                 try:
-                    os.mkdir(beside)
-                except FileExistsError:  # left by a killed run
-                    shutil.rmtree(beside, ignore_errors=True)
-                    os.mkdir(beside)
-                self.staging = beside
-                return self.staging
-            self.created = _make_folders(self.out_dir)
-            if not self.created:  # a folder made just now holds nothing stale
+                    try:
+                        os.mkdir(beside)
+                    except FileExistsError:  # left by a killed run
+                        shutil.rmtree(beside, ignore_errors=True)
+                        os.mkdir(beside)
+                    self.staging, self.whole = beside, True
+                    return self.staging
+                except OSError as exc:
+                    if exc.errno != errno.ENAMETOOLONG:  # the prefix made the name too long: stage inside
+                        raise
+            made = _make_folders(self.out_dir)
+            self.created += made
+            self.made_out_dir = bool(made)
+            if not made:  # a folder made just now holds nothing stale
                 for stale in self.out_dir.glob(f"{STAGING_PREFIX}*"):
                     shutil.rmtree(stale, ignore_errors=True)
             self.staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
@@ -1141,10 +1148,8 @@ class staged_output:
         placed = False
         try:
             if exc_type is None:
-                if self.whole:
-                    os.rename(self.staging, self.out_dir)
-                    placed = True
-                else:
+                placed = self.whole and self._rename_whole()
+                if not placed:
                     self._move_into_place()
             elif issubclass(exc_type, OSError):
                 raise ToolError(f"{self.out_dir}: writing {self.what} failed ({exc.strerror or exc})") from None
@@ -1160,11 +1165,22 @@ class staged_output:
             if exc_type is not None:
                 _remove_empty_folders(self.created)
 
+    def _rename_whole(self) -> bool:
+        """Rename the folder staged beside out_dir into place; False if out_dir appeared meanwhile
+        with something in it (another input's folder made inside it): its files are then moved."""
+        try:
+            os.rename(self.staging, self.out_dir)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            return False
+        return True
+
     def _move_into_place(self) -> None:
         """Rename the staged files into out_dir, stats.json last. If a rename fails in a folder
         made for this block, the files moved already go again (the folder is then removed)."""
         items = sorted(self.staging.iterdir(), key=lambda item: (item.name == "stats.json", item.name))
-        if items and items[-1].name == "stats.json" and not self.created:
+        if items and items[-1].name == "stats.json" and not self.made_out_dir:
             (self.out_dir / "stats.json").unlink(missing_ok=True)
         moved = []
         try:
@@ -1172,7 +1188,7 @@ class staged_output:
                 os.replace(item, self.out_dir / item.name)
                 moved.append(self.out_dir / item.name)
         except OSError:
-            if self.created:
+            if self.made_out_dir:
                 for path in moved:
                     path.unlink(missing_ok=True)
             raise

@@ -34,6 +34,16 @@ def run_cli(*args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProce
     )
 
 
+def finished_inputs(out: Path) -> int:
+    """stats.json files in place under out, for polling a run while it writes: its staging folders
+    (hidden) are skipped, and os.walk passes over folders that vanish as they are renamed."""
+    count = 0
+    for folder, subfolders, files in os.walk(out):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        count += "stats.json" in files
+    return count
+
+
 def files_under(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 import visualize_patches as vp
 from apt_vis import machine
-from conftest import PEARL, TOOL, run_cli, sample_photo
+from conftest import PEARL, TOOL, finished_inputs, run_cli, sample_photo
 
 
 def small_photo(path, size, seed, source=PEARL):
@@ -183,9 +183,7 @@ def test_interrupt_writes_summary_and_resume_completes(tmp_path):
     proc = subprocess.Popen([sys.executable, str(TOOL), str(root), "-o", str(out), "--workers", "1", "-q"],
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    # count finished images only: an image being written has its stats.json in a hidden staging folder
-    while time.time() < deadline and sum(not p.parent.name.startswith(vp.STAGING_PREFIX)
-                                         for p in out.rglob("stats.json")) < 2:
+    while time.time() < deadline and finished_inputs(out) < 2:
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)

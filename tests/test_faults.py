@@ -14,7 +14,7 @@ import pytest
 
 import apt_vis.batch as apt_batch
 import visualize_patches as vp
-from conftest import PEARL, TOOL, run_cli
+from conftest import PEARL, TOOL, finished_inputs, run_cli
 from test_batch import read_csv, small_photo
 
 IS_ROOT = os.geteuid() == 0
@@ -68,7 +68,7 @@ def wait_for(predicate, timeout: float, step: float = 0.05) -> bool:
 
 def wait_until_working(proc: subprocess.Popen, out: Path, done: int = 2, workers: int = 0) -> set[int]:
     """Wait until `done` inputs are written (and `workers` worker processes exist); their pids."""
-    assert wait_for(lambda: len(list(out.rglob("stats.json"))) >= done and len(descendants(proc.pid)) >= workers,
+    assert wait_for(lambda: finished_inputs(out) >= done and len(descendants(proc.pid)) >= workers,
                     120), "the run did not get going"
     return descendants(proc.pid)
 
@@ -508,6 +508,15 @@ def test_a_new_folder_appears_whole(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["image"]
 
 
+def test_a_new_folder_whose_name_is_too_long_to_stage_beside_is_staged_inside(tmp_path):
+    """A name that fits the file system but not with the staging prefix (ENAMETOOLONG; 255 bytes on
+    most, 143 on eCryptfs) is staged inside the new folder instead, as an existing folder is."""
+    out = tmp_path / "out" / ("x" * 250)
+    vp.write_files(out, {"a.txt": b"a", "stats.json": b"{}"})
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "stats.json"]
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
 def test_a_killed_runs_staging_folder_beside_a_new_folder_is_replaced(tmp_path):
     """What a killed run left staged beside a folder it was making is removed by the next write,
     not mixed into the folder."""
@@ -518,6 +527,21 @@ def test_a_killed_runs_staging_folder_beside_a_new_folder_is_replaced(tmp_path):
     vp.write_files(out, {"a.txt": b"a", "stats.json": b"{}"})
     assert sorted(p.name for p in out.iterdir()) == ["a.txt", "stats.json"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["image"]
+
+
+def test_a_new_folder_that_appears_meanwhile_is_merged_into(tmp_path):
+    """If the folder appears while it is staged beside it (another input's folder made inside it,
+    say a shard holding both img.jpg and img.jpg/k.jpg), the staged files are moved into it one by
+    one instead, stats.json last: neither input's outputs are lost."""
+    out = tmp_path / "out" / "img.jpg"
+    with vp.staged_output(out) as staging:
+        (staging / "a.txt").write_bytes(b"a")
+        (staging / "stats.json").write_bytes(b"{}")
+        (out / "k.jpg").mkdir(parents=True)
+        (out / "k.jpg" / "stats.json").write_bytes(b"{}")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "k.jpg", "stats.json"]
+    assert (out / "k.jpg" / "stats.json").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["img.jpg"]
 
 
 def test_a_failed_write_into_a_new_folder_leaves_nothing(tmp_path, monkeypatch):
