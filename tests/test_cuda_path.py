@@ -83,3 +83,13 @@ def test_cuda_path_on_torch_cpu_equals_the_cpu_path(tmp_path, inputs, cuda_on_to
     assert stats["device"] == "cuda"
     summary = json.loads((tmp_path / "cuda" / "summary.json").read_text())
     assert summary["images"]["ok"] == vp.CUDA_BATCH + 3 + 3 + 1 and summary["images"]["failed"] == 1
+
+
+@pytest.mark.parametrize("source", [PEARL, CLIP], ids=["image", "video"])
+def test_a_single_input_on_the_cuda_path_equals_the_cpu_path(tmp_path, cuda_on_torch_cpu, source):
+    for device in ("cpu", "cuda"):
+        assert vp.main([str(source), "-o", str(tmp_path / device), "--device", device, "-q"]) == vp.EXIT_OK
+    cpu, cuda = outputs(tmp_path / "cpu"), outputs(tmp_path / "cuda")
+    assert sorted(cpu) == sorted(cuda)
+    for name in cpu:
+        assert cpu[name] == cuda[name], name
