@@ -1882,7 +1882,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "else the row number).")
     batch.add_argument("--engine", choices=("local", "ray"), default="local",
                        help="'local': worker processes on this machine; 'ray': a Ray Data pipeline, on a cluster "
-                       "(needs pip install 'ray[data]'; -o must be writable by every worker) (default: %(default)s).")
+                       "(needs pip install 'ray[data]'; -o must be writable by every worker; its workers score on their CPUs) "
+                       "(default: %(default)s).")
     batch.add_argument("--ray-address", metavar="ADDR",
                        help="--engine ray: the cluster to join (default: $RAY_ADDRESS, else a local Ray for the run).")
 
@@ -1926,8 +1927,11 @@ def parse_args(argv: Sequence[str] | None,
     parser = build_parser()
     parser.raise_errors = raise_errors
     args = parser.parse_args(argv)
-    device = "cpu"  # the core alone analyses on the CPU: --device auto stays there
-    if args.device == "cuda" or (args.device == "auto" and has_extensions()
+    if args.engine == "ray" and args.device == "cuda":
+        parser.error("--engine ray scores with numpy on its workers' CPUs: --device cuda is not supported "
+                     "with it (use the local engine on a GPU machine)")
+    device = "cpu"  # the core alone, and Ray's workers, analyse on the CPU: --device auto stays there
+    if args.device == "cuda" or (args.device == "auto" and args.engine == "local" and has_extensions()
                                  and extension("machine").nvidia_gpu_visible()):
         try:
             device = extension("torch_backend").resolve_device(args.device)  # the CUDA path

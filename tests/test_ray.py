@@ -87,3 +87,19 @@ def test_engine_ray_without_ray_is_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "ERROR   --engine ray needs Ray: pip install 'ray[data]' (or pip install 'visualize-patches[ray]')"]
     assert not (tmp_path / "out").exists()
+
+
+def test_engine_ray_scores_on_its_workers_cpus(tmp_path, monkeypatch):
+    """Ray's workers score with numpy on their CPUs: --device cuda with --engine ray is a usage error
+    (one line, exit 2, before any work), and --device auto picks the CPU even on a GPU machine, so the
+    driver neither imports torch nor records a device it does not use."""
+    proc = run_cli(tmp_path / "in", "-o", tmp_path / "out", "--engine", "ray", "--device", "cuda")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--engine ray" in proc.stderr and "--device cuda" in proc.stderr
+    import apt_vis.machine
+    import apt_vis.torch_backend
+
+    monkeypatch.setattr(apt_vis.machine, "nvidia_gpu_visible", lambda: True)
+    monkeypatch.setattr(apt_vis.torch_backend, "resolve_device", lambda requested: "cuda")
+    assert vp.parse_args(["in", "--engine", "ray"])[3].device == "cpu"
+    assert vp.parse_args(["in"])[3].device == "cuda"  # the local engine on a GPU machine
