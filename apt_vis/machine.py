@@ -1,5 +1,5 @@
-"""What this machine gives the tool: usable CPU cores and available memory, cgroup v2 limits
-included, hence --workers' default; whether an NVIDIA GPU is visible (without torch); and the heap of a process that analyses input after input
+"""What this machine gives the tool: usable CPU cores and available memory, cgroup limits (v2
+and v1) included, hence --workers' default; whether an NVIDIA GPU is visible (without torch); and the heap of a process that analyses input after input
 (glibc's thresholds, trims). No import of the core: cheap enough for every start-up."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 # (qwen3-vl, every output) (measured).
 WORKER_MEMORY_BUDGET = 512 * 2**20
 MEMINFO = "/proc/meminfo"
-PROC_SELF_CGROUP = "/proc/self/cgroup"  # cgroup v2's line "0::/path": this process's group
-CGROUP_ROOT = "/sys/fs/cgroup"  # where cgroup v2 is mounted (v1's limits are not read)
+PROC_SELF_CGROUP = "/proc/self/cgroup"  # v2's line "0::/path"; v1's "N:memory:/path", "N:cpu,cpuacct:/path"
+CGROUP_ROOT = "/sys/fs/cgroup"  # where cgroup v2 is mounted; v1 mounts each controller at CGROUP_ROOT/<controller>
+V1_NO_LIMIT = 2**62  # cgroup v1 writes "no memory limit" as a page-rounded 2**63 - 1
 
 
 def nvidia_gpu_visible() -> bool:
@@ -28,19 +29,35 @@ def nvidia_gpu_visible() -> bool:
     return os.path.exists("/proc/driver/nvidia") or any(Path("/dev").glob("nvidia[0-9]*"))
 
 
-def _cgroup_folders() -> list[Path]:
-    """This process's cgroup v2 folder and those above it up to the root, deepest first: a limit
-    on any of them applies (a container sees its own group as the root; a cluster job's step
-    sits below its job). Empty without cgroup v2."""
+@functools.lru_cache(maxsize=4)
+def _cgroup_entries(path: str) -> tuple[tuple[str, str, str], ...]:
+    """The lines of /proc/self/cgroup as (hierarchy number, controllers, path); read once a process
+    (a process's own groups do not change while it runs)."""
     try:
-        with open(PROC_SELF_CGROUP) as f:
-            own = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+        with open(path) as f:
+            return tuple(tuple(entry) for line in f if len(entry := line.rstrip("\n").split(":", 2)) == 3)
     except OSError:
-        return []
+        return ()
+
+
+def _cgroup_folders(controller: str | None = None) -> list[Path]:
+    """This process's cgroup folder and those above it up to the root, deepest first: a limit on
+    any of them applies (a container sees its own group as the root; a cluster job's step sits
+    below its job). controller None: cgroup v2's; 'memory' or 'cpu': that cgroup v1 hierarchy's,
+    mounted at CGROUP_ROOT/<controller> (in a container whose mount is its own group, where the
+    host's path named in /proc/self/cgroup does not exist, the mount's root). Empty without it."""
+    entries = _cgroup_entries(PROC_SELF_CGROUP)
+    if controller is None:
+        own = next((path for number, names, path in entries if number == "0" and names == ""), None)
+        root = Path(CGROUP_ROOT)
+    else:
+        own = next((path for _, names, path in entries if controller in names.split(",")), None)
+        root = Path(CGROUP_ROOT) / controller
     if own is None:
         return []
-    root = Path(CGROUP_ROOT)
     folder = root / own.lstrip("/")
+    if controller is not None and not folder.is_dir():
+        folder = root
     folders = [folder]
     while folder != root and root in folder.parents:
         folder = folder.parent
@@ -61,9 +78,11 @@ def usable_cores() -> int:
         cores = max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         cores = os.cpu_count() or 1
-    for folder in _cgroup_folders():
-        quota = _read_numbers(folder / "cpu.max")  # "max 100000" or "250000 100000" (microseconds)
-        if len(quota) == 2 and quota[0] != "max":
+    quotas = [_read_numbers(folder / "cpu.max") for folder in _cgroup_folders()]  # "max 100000", "250000 100000"
+    quotas += [_read_numbers(folder / "cpu.cfs_quota_us") + _read_numbers(folder / "cpu.cfs_period_us")
+               for folder in _cgroup_folders("cpu")]  # v1: "-1" (none) or "250000", then "100000"
+    for quota in quotas:  # microseconds of CPU time per period
+        if len(quota) == 2 and quota[0] not in ("max", "-1"):
             try:
                 cores = min(cores, max(1, math.ceil(int(quota[0]) / int(quota[1]))))
             except (ValueError, ZeroDivisionError):
@@ -81,14 +100,19 @@ def available_memory() -> int | None:
             found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    for folder in _cgroup_folders():
-        limit, current = _read_numbers(folder / "memory.max"), _read_numbers(folder / "memory.current")
-        if limit in ([], ["max"]) or not current:
-            continue
-        stat = _read_numbers(folder / "memory.stat")
-        cache = dict(zip(stat[::2], stat[1::2])).get("inactive_file", "0")
+    groups = [(folder, "memory.max", "memory.current", "inactive_file") for folder in _cgroup_folders()]
+    groups += [(folder, "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")  # v1
+               for folder in _cgroup_folders("memory")]
+    for folder, limit_file, usage_file, cache_key in groups:
+        limit = _read_numbers(folder / limit_file)
         try:
-            found.append(max(0, int(limit[0]) - (int(current[0]) - int(cache))))
+            if limit in ([], ["max"]) or int(limit[0]) >= V1_NO_LIMIT:
+                continue  # no limit here: the usage and statistics are not needed
+            current = _read_numbers(folder / usage_file)
+            stat = _read_numbers(folder / "memory.stat")
+            cache = dict(zip(stat[::2], stat[1::2])).get(cache_key, "0")
+            if current:
+                found.append(max(0, int(limit[0]) - (int(current[0]) - int(cache))))
         except ValueError:
             pass
     return min(found) if found else None

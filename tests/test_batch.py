@@ -369,6 +369,63 @@ def test_usable_cores_follow_a_cpu_quota(tmp_path, monkeypatch):
     assert machine.usable_cores() == 2
 
 
+def fake_cgroup_v1(tmp_path, monkeypatch, memory="/slurm/uid_1/job_7", cpu="/slurm/uid_1/job_7"):
+    """A machine with cgroup v1 (as many HPC clusters still run): one hierarchy per controller,
+    mounted at <root>/<controller>; this process in the groups given. Its folders, memory and cpu."""
+    meminfo, proc_cgroup, root = tmp_path / "meminfo", tmp_path / "proc_cgroup", tmp_path / "cgroup"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemAvailable:   20000000 kB\n")
+    proc_cgroup.write_text(f"9:pids:/\n4:memory:{memory}\n2:cpu,cpuacct:{cpu}\n1:name=systemd:/x\n0::/\n")
+    for name, own in (("memory", memory), ("cpu,cpuacct", cpu)):
+        (root / name / own.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    (root / "cpu").symlink_to("cpu,cpuacct")  # as systemd mounts it
+    monkeypatch.setattr(machine, "MEMINFO", str(meminfo))
+    monkeypatch.setattr(machine, "PROC_SELF_CGROUP", str(proc_cgroup))
+    monkeypatch.setattr(machine, "CGROUP_ROOT", str(root))
+    return root / "memory" / memory.lstrip("/"), root / "cpu" / cpu.lstrip("/")
+
+
+def write_group_v1(folder, limit=None, usage=0, inactive_file=0, quota=None):
+    if limit is not None:
+        (folder / "memory.limit_in_bytes").write_text(f"{limit}\n")
+        (folder / "memory.usage_in_bytes").write_text(f"{usage}\n")
+        (folder / "memory.stat").write_text(f"cache 9\ninactive_file 1\ntotal_inactive_file {inactive_file}\n")
+    if quota is not None:
+        (folder / "cpu.cfs_quota_us").write_text(f"{quota}\n")
+        (folder / "cpu.cfs_period_us").write_text("100000\n")
+
+
+def test_cgroup_v1_limits_count_too(tmp_path, monkeypatch):
+    """Under cgroup v1 a job's memory limit (memory.limit_in_bytes, page cache the kernel can drop
+    left out) and CPU quota (cpu.cfs_quota_us) on its group or a group above it count as under v2;
+    'no limit' (a huge limit, quota -1) changes nothing."""
+    gib, no_limit = 2**30, 9223372036854771712
+    memory, cpu = fake_cgroup_v1(tmp_path, monkeypatch)
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert machine.available_memory() == 20000000 * 1024 and machine.usable_cores() == 64
+    write_group_v1(memory, no_limit, 123)
+    write_group_v1(cpu, quota=-1)
+    assert machine.available_memory() == 20000000 * 1024 and machine.usable_cores() == 64
+    write_group_v1(memory, 4 * gib, 3 * gib, inactive_file=2 * gib)
+    write_group_v1(cpu, quota=250000)
+    assert machine.available_memory() == 3 * gib and machine.usable_cores() == 3
+    write_group_v1(memory.parent, 2 * gib, gib)  # the user's limit above the job's is tighter
+    assert machine.available_memory() == gib
+    assert machine.default_workers() == min(3, gib // machine.WORKER_MEMORY_BUDGET)
+
+
+def test_cgroup_v1_inside_a_container_reads_its_own_mount(tmp_path, monkeypatch):
+    """In a container, /proc/self/cgroup names the host's path of the group, while the container
+    mounts that group itself at the controller's root: the root's limits are read."""
+    memory, cpu = fake_cgroup_v1(tmp_path, monkeypatch, memory="/docker/abc", cpu="/docker/abc")
+    mounts = tmp_path / "cgroup"
+    shutil.rmtree(mounts / "memory" / "docker")
+    shutil.rmtree(mounts / "cpu,cpuacct" / "docker")
+    write_group_v1(mounts / "memory", 2**30, 0)
+    write_group_v1(mounts / "cpu", quota=150000)
+    monkeypatch.setattr(machine.os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert machine.available_memory() == 2**30 and machine.usable_cores() == 2
+
+
 @pytest.mark.parametrize("sweep", [False, True])
 def test_batch_keeps_maps_in_the_main_process_only_for_a_sweep(tmp_path, sweep):
     """Pass 2's outcomes carry each input's maps back from the workers only when the main process
