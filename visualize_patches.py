@@ -1834,7 +1834,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"smart_resize upper bound on an image's resized height*width (default: {d.max_pixels}).")
     model.add_argument("--processor", type=Path, metavar="PATH",
                        help="A Qwen2-VL-family preprocessor_config.json, or a model folder holding one: patch, "
-                       "merge and temporal sizes, min/max pixels, mean and std are read from it (needs transformers).")
+                       "merge and temporal sizes, min/max pixels, mean, std and resampling are read from it (needs transformers).")
 
     apt = parser.add_argument_group("APT thresholds and scoring")
     apt.add_argument("--thresholds", type=finite_float, nargs="+", metavar="T",

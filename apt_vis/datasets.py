@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from visualize_patches import CONTAINER_EXTENSIONS, Job, ToolError, kind_by_name
 
-PARQUET_HINT = "pip install pyarrow (or pip install 'visualize-patches[parquet]')"
+PARQUET_HINT = "pip install pyarrow (or, in the tool's folder, pip install '.[parquet]')"
 TAR_BLOCK = 512
 
 

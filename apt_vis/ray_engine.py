@@ -37,7 +37,7 @@ from apt_vis.batch import Discovery, Progress, _stored_maps, failure_text, summa
 from apt_vis.thresholds import SharedThresholdCounts, choose_shared_threshold, sweep_files
 from apt_vis.machine import keep_freed_memory
 
-RAY_HINT = "pip install 'ray[data]' (or pip install 'visualize-patches[ray]')"
+RAY_HINT = "pip install 'ray[data]' (or, in the tool's folder, pip install '.[ray]')"
 BATCH_SIZE = 4  # inputs per map_batches call
 
 

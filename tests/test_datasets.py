@@ -171,4 +171,4 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path):
     proc = run_cli(tmp_path / "t.parquet", "-o", tmp_path / "out", env={"PYTHONPATH": str(blocker)})
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "ERROR   reading Parquet files needs pyarrow: pip install pyarrow (or pip install 'visualize-patches[parquet]')"]
+        "ERROR   reading Parquet files needs pyarrow: pip install pyarrow (or, in the tool's folder, pip install '.[parquet]')"]

@@ -85,7 +85,7 @@ def test_engine_ray_without_ray_is_one_line(tmp_path):
     proc = run_cli(tmp_path / "in", "-o", tmp_path / "out", "--engine", "ray", env={"PYTHONPATH": str(blocker)})
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        "ERROR   --engine ray needs Ray: pip install 'ray[data]' (or pip install 'visualize-patches[ray]')"]
+        "ERROR   --engine ray needs Ray: pip install 'ray[data]' (or, in the tool's folder, pip install '.[ray]')"]
     assert not (tmp_path / "out").exists()
 
 
