@@ -3,9 +3,11 @@ patches scored while streaming, and the video outputs (mp4 and GIF overlays, map
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -170,27 +172,29 @@ def _opencv_failure(path: Path, doing: str, exc: Exception) -> ToolError:
     return ToolError(f"{path}: cannot {doing} video (OpenCV: {' '.join(str(exc).split())})")
 
 
-def probe_video(path: Path) -> VideoInfo:
-    """Frame count, rate and size of a video file; ToolError when it cannot be read."""
+def probe_video(path: Path, name: str | None = None) -> VideoInfo:
+    """Frame count, rate and size of a video file; ToolError when it cannot be read, naming the
+    file, or `name` (a shard member read from a private copy: see video_source)."""
+    shown = name or path
     check_input_file(path)
     cv2 = _cv2()
     try:
         capture = cv2.VideoCapture(str(path))
     except cv2.error as exc:
-        raise _opencv_failure(path, "open", exc) from None
+        raise _opencv_failure(shown, "open", exc) from None
     try:
         if not capture.isOpened():
-            raise ToolError(f"{path}: cannot open video (unreadable or unsupported format)")
+            raise ToolError(f"{shown}: cannot open video (unreadable or unsupported format)")
         total = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         fps = float(capture.get(cv2.CAP_PROP_FPS))
         width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
         if total <= 0 or width <= 0 or height <= 0:
-            raise ToolError(f"{path}: video has no frames")
+            raise ToolError(f"{shown}: video has no frames")
         if not (math.isfinite(fps) and fps > 0):
-            raise ToolError(f"{path}: video has no valid frame rate")
+            raise ToolError(f"{shown}: video has no valid frame rate")
         return VideoInfo(total, fps, width, height)
     except cv2.error as exc:
-        raise _opencv_failure(path, "read", exc) from None
+        raise _opencv_failure(shown, "read", exc) from None
     finally:
         capture.release()
 
@@ -268,32 +272,34 @@ def resize_frame(rgb: np.ndarray, size: tuple[int, int], resample: int = BICUBIC
 
 
 def iter_sampled_frames(path: Path, indices: Sequence[int], size: tuple[int, int],
-                        resample: int = BICUBIC) -> Iterator[np.ndarray]:
-    """Stream the sampled frames as (H, W, 3) uint8 RGB at `size` (see resize_frame), one at a time."""
+                        resample: int = BICUBIC, name: str | None = None) -> Iterator[np.ndarray]:
+    """Stream the sampled frames as (H, W, 3) uint8 RGB at `size` (see resize_frame), one at a time;
+    errors name the file, or `name` (see probe_video)."""
+    shown = name or path
     cv2 = _cv2()
     try:
         capture = cv2.VideoCapture(str(path))
     except cv2.error as exc:
-        raise _opencv_failure(path, "open", exc) from None
+        raise _opencv_failure(shown, "open", exc) from None
     wanted = iter(indices)
     target = next(wanted, None)
     position = 0
     try:
         while target is not None:
             if not capture.grab():
-                raise ToolError(f"{path}: video ended at frame {position} before sampled frame {target} "
+                raise ToolError(f"{shown}: video ended at frame {position} before sampled frame {target} "
                                 "(truncated or corrupt)")
             if position == target:
                 ok, frame = capture.retrieve()
                 if not ok or frame is None:
-                    raise ToolError(f"{path}: cannot decode frame {position} (truncated or corrupt)")
+                    raise ToolError(f"{shown}: cannot decode frame {position} (truncated or corrupt)")
                 resized = resize_frame(frame[..., ::-1], size, resample)
                 while target == position:  # an index sampled twice is yielded twice
                     yield resized
                     target = next(wanted, None)
             position += 1
     except cv2.error as exc:  # raised by grab or retrieve (a consumer's exceptions never enter at the yield)
-        raise _opencv_failure(path, "read", exc) from None
+        raise _opencv_failure(shown, "read", exc) from None
     finally:
         capture.release()
 
@@ -311,14 +317,40 @@ def iter_tubes(frames: Iterable[np.ndarray], temporal_patch_size: int) -> Iterat
         yield np.stack(group)
 
 
-def video_tube_maps(job: Job, settings: Settings, scorer: Scorer,
-                    progress: Progress | None = None) -> list[dict[int, np.ndarray]]:
-    """Importance maps of every temporal patch of a video, streaming its frames."""
-    info = probe_video(job.path)
+@contextlib.contextmanager
+def video_source(job: Job) -> Iterator[tuple[Path, str]]:
+    """(the file to read, the name errors give) of a job's video: the file itself, or for a member
+    of a shard (OpenCV reads files, not bytes) a private copy in a temporary folder, removed when
+    the block ends, however it ends."""
+    if job.member is None:
+        yield job.path, str(job.path)
+        return
+    from apt_vis.datasets import read_member
+
+    data = read_member(job)
+    with tempfile.TemporaryDirectory(prefix="apt-video-") as folder:
+        copy = Path(folder) / f"video{Path(job.label).suffix.lower()}"
+        try:
+            copy.write_bytes(data)
+        except OSError as exc:
+            raise ToolError(f"{job.path}: cannot copy the video out of its shard into {folder} "
+                            f"({exc.strerror or exc})") from None
+        del data
+        yield copy, str(job.path)
+
+
+def video_tube_maps(job: Job, settings: Settings, scorer: Scorer, progress: Progress | None = None,
+                    source: tuple[Path, str] | None = None) -> list[dict[int, np.ndarray]]:
+    """Importance maps of every temporal patch of a video, streaming its frames (source: the
+    file to read and its name, from video_source; opened here when not given)."""
+    if source is None:
+        with video_source(job) as source:
+            return video_tube_maps(job, settings, scorer, progress, source)
+    info = probe_video(*source)
     indices, size = video_plan(info, settings, job.label)
     maps = []
     pending: list[np.ndarray] = []
-    frames = iter_sampled_frames(job.path, indices, size, settings.resample)
+    frames = iter_sampled_frames(source[0], indices, size, settings.resample, source[1])
     for tube in iter_tubes(frames, settings.temporal_patch_size):
         pending.append(tube)
         if len(pending) >= scorer.batch:
@@ -390,8 +422,15 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, scorer: Scor
     """A video from path to files: pass 1 scores each temporal patch while streaming the
     sampled frames (unless tube_maps are known); pass 2 streams them again to draw the
     patches. Memory stays bounded by one temporal patch (plus the small GIF frames)."""
+    with video_source(job) as source:
+        return _run_video(job, source, settings, options, scorer, tube_maps, show_progress)
+
+
+def _run_video(job: Job, source: tuple[Path, str], settings: Settings, options: RenderOptions, scorer: Scorer,
+               tube_maps: list | None, show_progress: bool) -> Outcome:
+    """run_video once the video is at hand as a file (source: its path and name)."""
     watch = Stopwatch()
-    info = probe_video(job.path)
+    info = probe_video(*source)
     indices, size = video_plan(info, settings, job.label)
     logger.info(f"{job.label}: {info.total_frames} frames at {info.fps:g} fps, {info.width}x{info.height}; "
                 f"sampling {len(indices)} frames at {size[1]}x{size[0]}")
@@ -399,7 +438,7 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, scorer: Scor
     progress = Progress(len(indices) * passes, show_progress and passes > 0, unit="frame")
     try:
         if tube_maps is None:
-            tube_maps = video_tube_maps(job, settings, scorer, progress)
+            tube_maps = video_tube_maps(job, settings, scorer, progress, source)
         watch.lap("importance")
         tube_masks = [compute_masks(m, settings.thresholds) for m in tube_maps]
         files: dict[str, bytes] = {}
@@ -413,8 +452,8 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, scorer: Scor
                                      plot=not options.stats_only))
         with staged_output(job.out_dir) as staging:
             if not options.stats_only:
-                _write_video_pictures(job, staging, indices, size, settings, options, tube_maps, tube_masks, info,
-                                      progress)
+                _write_video_pictures(job, source, staging, indices, size, settings, options, tube_maps,
+                                      tube_masks, info, progress)
                 watch.lap("render")
             stats = video_stats(job, info, indices, size, settings, tube_masks, scorer.device,
                                 {**watch.ms, "total": sum(watch.ms.values())})
@@ -426,7 +465,7 @@ def run_video(job: Job, settings: Settings, options: RenderOptions, scorer: Scor
         progress.close()
 
 
-def _write_video_pictures(job, staging, indices, size, settings, options, tube_maps, tube_masks, info,
+def _write_video_pictures(job, source, staging, indices, size, settings, options, tube_maps, tube_masks, info,
                           progress) -> None:
     """patches_visualization.mp4 / .gif and one importance-map animation per scale."""
     h, w = size
@@ -442,7 +481,7 @@ def _write_video_pictures(job, staging, indices, size, settings, options, tube_m
     gif_frames: list[Image.Image] = []
     gif_scale = min(1.0, GIF_MAX_WIDTH / w)
     try:
-        for k, frame in enumerate(iter_sampled_frames(job.path, indices, size, settings.resample)):
+        for k, frame in enumerate(iter_sampled_frames(source[0], indices, size, settings.resample, source[1])):
             tube = k // t
             overlay = draw_patch_borders(frame, tube_masks[tube], options.line_color, options.line_thickness, colors)
             overlay_writer.write(overlay)

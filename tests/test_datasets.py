@@ -3,10 +3,12 @@
 import io
 import json
 import tarfile
+import tempfile
+from pathlib import Path
 
 import pytest
 
-from conftest import PEARL, run_cli
+from conftest import PEARL, ROOT, run_cli
 from test_batch import read_csv, small_photo
 
 from apt_vis.datasets import expand_braces
@@ -172,3 +174,37 @@ def test_parquet_without_pyarrow_is_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "ERROR   reading Parquet files needs pyarrow: pip install pyarrow (or, in the tool's folder, pip install '.[parquet]')"]
+
+
+def test_videos_inside_shards_are_analysed_as_the_same_file_outside(tmp_path):
+    """A WebDataset shard of clips (as video datasets ship): each video member is analysed from a
+    private copy that is removed afterwards, with the same numbers and files as the clip outside a
+    shard; a damaged video member is a failed row naming the member, not the copy."""
+    clip = (ROOT / "tests" / "golden" / "clip.mp4").read_bytes()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with tarfile.open(shards / "000.tar", "w") as tar:
+        add_member(tar, "v1.mp4", clip)
+        add_member(tar, "v1.json", b'{"caption": "x"}')
+        add_member(tar, "broken.mp4", clip[:3000])
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "v1.mp4").write_bytes(clip)
+    (loose / "other.mp4").write_bytes(clip)  # two inputs, so that both runs are batches
+    copies_before = set(Path(tempfile.gettempdir()).glob("apt-video-*"))
+    for source, out in ((shards, tmp_path / "out_shards"), (loose, tmp_path / "out_loose")):
+        proc = run_cli(source, "-o", out, "--workers", "2", "--device", "cpu")
+        assert proc.returncode == (1 if source == shards else 0), proc.stderr
+    rows = {r["path"]: r for r in read_csv(tmp_path / "out_shards" / "summary.csv")}
+    assert rows["000.tar/v1.mp4"]["status"] == "ok" and rows["000.tar/broken.mp4"]["status"] == "failed"
+    assert "000.tar/broken.mp4" in rows["000.tar/broken.mp4"]["error"] and "apt-video" not in rows["000.tar/broken.mp4"]["error"]
+    inside, outside = tmp_path / "out_shards" / "000.tar" / "v1.mp4", tmp_path / "out_loose" / "v1.mp4"
+    assert sorted(p.name for p in inside.iterdir()) == sorted(p.name for p in outside.iterdir())
+
+    def numbers(folder):
+        stats = json.loads((folder / "stats.json").read_text())
+        return {k: v for k, v in stats.items() if k not in ("image", "timings_ms")}
+
+    assert numbers(inside) == numbers(outside)
+    assert (inside / "importance_maps.npz").read_bytes() == (outside / "importance_maps.npz").read_bytes()
+    assert set(Path(tempfile.gettempdir()).glob("apt-video-*")) == copies_before  # the private copies are gone

@@ -309,10 +309,10 @@ def test_an_unexpected_error_in_one_video_is_that_inputs_failure(tmp_path, monke
     folder = one_video_breaks(tmp_path / "in")
     probe = apt_video.probe_video
 
-    def faulty_probe(path):
+    def faulty_probe(path, name=None):
         if path.name == "bad.mp4":
             raise RuntimeError("injected fault")
-        return probe(path)
+        return probe(path, name)
 
     monkeypatch.setattr(apt_video, "probe_video", faulty_probe)
     out = tmp_path / "out"
