@@ -209,11 +209,25 @@ def _loop_on_the_way(path: Path, root: Path, real: Callable[[str], str]) -> tupl
     return None, frozenset(reals)
 
 
-def _keyed(path: Path, root: Path) -> tuple[str, str]:
+def _below(path: str, folder: str) -> str | None:
+    """path relative to folder, when path is textually inside it with no '..' on the way: what
+    os.path.relpath gives for such paths (both normalised, as pathlib's are), without its two
+    abspath calls per path (discovery calls this for every file). None otherwise."""
+    if folder in ("", "."):
+        return None
+    prefix = folder if folder.endswith(os.sep) else folder + os.sep
+    if not path.startswith(prefix) or len(path) == len(prefix):
+        return None
+    rest = path[len(prefix):]
+    return None if os.pardir in rest.split(os.sep) else rest
+
+
+def _keyed(path: Path, root: Path, real: Callable[[str], str] = os.path.realpath) -> tuple[str, str]:
     """(key, root key): the input root's real path, and the path below it as found (link names
-    kept, so two links to one file are two inputs). Keys identify inputs and give their labels."""
-    root_key = os.path.realpath(root)
-    relative = os.path.normpath(os.path.relpath(path, root))
+    kept, so two links to one file are two inputs). Keys identify inputs and give their labels.
+    real: os.path.realpath, or a cached one (many files share a root)."""
+    root_key = real(str(root))
+    relative = _below(str(path), str(root)) or os.path.normpath(os.path.relpath(path, root))
     if relative == os.pardir or relative.startswith(os.pardir + os.sep):  # a glob such as 'a/*/../../x'
         root_key = os.path.realpath(path.parent)
         relative = path.name
@@ -251,6 +265,7 @@ def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = N
     inputs = [e for text in inputs for e in (expand_braces(text) if "{" in text and not os.path.exists(text)
                                              else [text])]
     exclude = os.path.realpath(out_root)
+    real_root = functools.lru_cache(maxsize=None)(os.path.realpath)  # the inputs' roots, resolved once each
     found: list[tuple[Path, str, str, str, tuple | None]] = []  # (file, key, root key, kind, member)
     problems: list[tuple[str, str, str]] = []  # (key, root key, reason)
     hidden: list[Path] = []
@@ -291,7 +306,7 @@ def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = N
         usable = 0
         for candidate in candidates:
             if container_kind(candidate) is not None:
-                key, root_key = _keyed(candidate, root)
+                key, root_key = _keyed(candidate, root, real_root)
                 members, broken, others = container_jobs(candidate, image_column, id_column)
                 found += [(candidate / name, f"{key}/{name}", root_key, kind, member)
                           for name, kind, member in members]
@@ -303,9 +318,9 @@ def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = N
             if kind is None:
                 skipped += 1
             else:
-                found.append((candidate, *_keyed(candidate, root), kind, None))
+                found.append((candidate, *_keyed(candidate, root, real_root), kind, None))
                 usable += 1
-        problems += [(*_keyed(p, root), reason) for p, reason in failed]
+        problems += [(*_keyed(p, root, real_root), reason) for p, reason in failed]
         if usable == 0 and not failed:
             raise ToolError(f"{text}: no images or videos found ({len(candidates)} other files skipped)")
     common = os.path.commonpath([r for _, _, r, _, _ in found] + [r for _, r, _ in problems])
@@ -314,9 +329,10 @@ def discover(inputs: Sequence[str], out_root: Path, image_column: str | None = N
         if key in seen:
             continue
         seen.add(key)
-        relative = Path(os.path.relpath(key, common))
+        relative = Path(_below(key, common) or os.path.relpath(key, common))
         jobs.append(Job(path, relative.as_posix(), out_root / relative, kind, member))
-    failures = {key: (Path(os.path.relpath(key, common)).as_posix(), reason) for key, _, reason in problems}
+    failures = {key: (Path(_below(key, common) or os.path.relpath(key, common)).as_posix(), reason)
+                for key, _, reason in problems}
     hidden_keys = {os.path.join(os.path.realpath(p.parent), p.name) for p in hidden}
     return Discovery(jobs, skipped, list(failures.values()), len(hidden_keys))
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -490,3 +491,19 @@ def test_percentile_is_numpys(values, q):
 
     assert percentile(values, q) == np.percentile(np.array(values), q)
     assert median(values) == np.median(np.array(values))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["a", "b", "..", "x.jpg", "é", "a b", "/"]), min_size=0, max_size=6),
+       st.lists(st.sampled_from(["a", "b", "..", "x.jpg", "é", "a b"]), min_size=1, max_size=6),
+       st.booleans())
+def test_below_is_relpath_where_it_answers(folder_parts, rest_parts, absolute):
+    """apt_vis.batch._below (discovery's fast relpath) gives what os.path.relpath gives, or None."""
+    import apt_vis.batch as apt_batch
+
+    folder = str(Path("/" if absolute else ".", *folder_parts))
+    path = str(Path(folder, *rest_parts))
+    below = apt_batch._below(path, folder)
+    if below is not None:
+        assert below == os.path.relpath(path, folder)
+    assert apt_batch._below(path, path) is None
