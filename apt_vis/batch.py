@@ -4,9 +4,7 @@ batch (--target-ratio), interrupts, and the summaries (summary.csv/json/png, rep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
-import dataclasses
 import errno
 import fnmatch
 import functools
@@ -22,8 +20,8 @@ import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -419,7 +417,7 @@ class Executor:
     interrupt those still running can be waited for and counted (drain), or killed (kill).
     """
 
-    def __init__(self, workers: int, hold: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+    def __init__(self, workers: int, hold: Callable[[], AbstractContextManager] = nullcontext):
         self.workers = workers
         self.pool = None
         self.inflight: dict[Future, Job | None] = {}
@@ -939,7 +937,7 @@ def _run_input_in_worker(job: Job, settings: Settings, options: RenderOptions, s
     """run_input for pass 2 in a worker: the maps travel back only when the main process needs
     them (--sweep), so that the results stay small (about 45 KB of maps per 1 MP image)."""
     outcome = run_input(job, settings, options, scorer, skip_existing, maps)
-    return outcome if options.sweep else dataclasses.replace(outcome, maps=[])
+    return outcome if options.sweep else replace(outcome, maps=[])
 
 
 def _images_on_cuda(images: Sequence[Job], settings: Settings, options: RenderOptions, scorer: Scorer,
